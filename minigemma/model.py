@@ -1,0 +1,114 @@
+"""The Gemma forward pass: embedding -> N blocks -> final norm -> tied head, read top to bottom.
+
+Gemma 1 blocks:          x = x + attn(norm(x));              x = x + mlp(norm(x))
+Gemma 2/3 ("sandwich"):  x = x + norm(attn(norm(x)));        x = x + norm(mlp(norm(x)))
+(transformers Gemma2DecoderLayer / Gemma3DecoderLayer, gemma_pytorch Gemma2DecoderLayer)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .config import GemmaConfig
+from .kernels import linear
+from .kvcache import KVCache
+from .layers import apply_rope, attention, attention_mask, embed, mlp, rms_norm, rope_angles, softcap
+from .params import LayerParams, Params
+
+
+def self_attention(x, p: LayerParams, c: GemmaConfig, layer: int, rope, positions, cache: KVCache):
+    """Project to heads, (Gemma 3: QK-norm), rotate, cache, attend, project back.
+
+    Shapes: (T, D) -> (T, D)
+    """
+    T, H, K, Dh = x.shape[0], c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    q = linear(x, p.q_proj).reshape(T, H, Dh).transpose(1, 0, 2)  # (T, H*Dh) -> (H, T, Dh)
+    k = linear(x, p.k_proj).reshape(T, K, Dh).transpose(1, 0, 2)  # (T, K*Dh) -> (K, T, Dh)
+    v = linear(x, p.v_proj).reshape(T, K, Dh).transpose(1, 0, 2)  # (T, K*Dh) -> (K, T, Dh)
+    if c.qk_norm:  # Gemma 3 normalises every head before RoPE (transformers Gemma3Attention)
+        q = rms_norm(q, p.q_norm, c.rms_norm_eps)
+        k = rms_norm(k, p.k_norm, c.rms_norm_eps)
+    cos, sin = rope
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k, v, k_positions = cache.layers[layer].update(k, v, positions)  # (K, S, Dh) each
+    window = c.layer_window(layer)
+    out = attention(q, k, v, attention_mask(positions, k_positions, window),
+                    c.attn_scale, c.attn_logit_softcapping)  # (H, T, Dh)
+    return linear(out.transpose(1, 0, 2).reshape(T, H * Dh), p.o_proj)  # (H, T, Dh) -> (T, H*Dh) -> (T, D)
+
+
+def block(x, p: LayerParams, c: GemmaConfig, layer: int, rope, positions, cache: KVCache):
+    """One transformer block. Shapes: (T, D) -> (T, D)"""
+    eps = c.rms_norm_eps
+    h = self_attention(rms_norm(x, p.input_norm, eps), p, c, layer, rope, positions, cache)
+    if c.sandwich_norms:
+        h = rms_norm(h, p.post_attn_norm, eps)
+    x = x + h
+    h = mlp(rms_norm(x, p.pre_mlp_norm, eps), p.gate_proj, p.up_proj, p.down_proj)
+    if c.sandwich_norms:
+        h = rms_norm(h, p.post_mlp_norm, eps)
+    return x + h
+
+
+def forward(params: Params, c: GemmaConfig, token_ids, cache: KVCache, last_only: bool = False) -> np.ndarray:
+    """Run new tokens through the model, continuing from what `cache` holds.
+
+    Returns float32 logits for every new position, or only the last one with `last_only` (all that sampling
+    needs, and it skips a (T, V) matmul). Shapes: (T,) -> (T, V), or (1, V) with last_only
+    """
+    token_ids = np.asarray(token_ids, dtype=np.int64)
+    positions = np.arange(cache.length, cache.length + len(token_ids))  # (T,)
+    if len(token_ids) == 0:
+        raise ValueError("forward needs at least one token")
+    if positions[-1] >= c.max_position_embeddings:
+        raise ValueError(f"position {positions[-1]} is past the context window "
+                         f"({c.max_position_embeddings} tokens)")
+    if token_ids.min() < 0 or token_ids.max() >= c.vocab_size:
+        raise ValueError(f"token ids must be in [0, {c.vocab_size}), got {token_ids.min()}..{token_ids.max()}")
+
+    x = embed(token_ids, params.embed, c.embed_scale)  # (T, D)
+    # one cos/sin table per layer type: Gemma 3 uses base 1e6 on global layers and 1e4 on sliding ones
+    ropes = {t: rope_angles(positions, c.head_dim, r.theta, r.factor) for t, r in c.rope.items()}
+    for i, p in enumerate(params.layers):
+        x = block(x, p, c, i, ropes[c.layer_types[i]], positions, cache)
+    cache.length += len(token_ids)
+
+    if last_only:
+        x = x[-1:]
+    x = rms_norm(x, params.final_norm, c.rms_norm_eps)
+    logits = linear(x, params.embed)  # tied head: (T, D) @ (D, V) -> (T, V)
+    # Gemma 2 caps the final logits at 30 (transformers Gemma2ForCausalLM, gemma_pytorch Sampler)
+    return softcap(logits, c.final_logit_softcapping)
+
+
+class Gemma:
+    """A loaded model: config, parameters and (when the source has one) a tokenizer."""
+
+    def __init__(self, config: GemmaConfig, params: Params, tokenizer=None, source: str | None = None):
+        self.config = config
+        self.params = params
+        self._tokenizer = tokenizer
+        self.source = source
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            raise ValueError(f"{self.source or 'this model'} has no tokenizer (an HF directory needs "
+                             "tokenizer.model; a GGUF file needs tokenizer.ggml.* metadata)")
+        return self._tokenizer
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.config)
+
+    def forward(self, token_ids) -> np.ndarray:
+        """Logits of a fresh sequence starting at position 0. Shapes: (T,) -> (T, V) float32"""
+        return forward(self.params, self.config, token_ids, self.new_cache())
+
+    def step(self, token_ids, cache: KVCache, last_only: bool = True) -> np.ndarray:
+        """Continue the sequence in `cache` with `token_ids` (prefill or one decode step)."""
+        return forward(self.params, self.config, token_ids, cache, last_only=last_only)
+
+    def __repr__(self):
+        c = self.config
+        return (f"Gemma({c.model_type}, {c.num_parameters / 1e6:.0f}M params, {c.num_hidden_layers} layers, "
+                f"source={self.source!r})")
