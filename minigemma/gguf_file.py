@@ -26,10 +26,23 @@ _MODEL_TYPE = {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text"}
 
 
 def open_gguf(path: Path):
+    """The gguf package's reader, with one speed-up (below)."""
     import gguf  # imported here: it is only needed for GGUF files
 
+    class Reader(gguf.GGUFReader):
+        # GGUFReader slices its np.memmap about three million times to parse a 262k-token vocabulary, and
+        # every slice of the memmap subclass pays for __array_finalize__. A plain ndarray view of the same
+        # map (still no copy) parses about 3x faster: ~6 s -> ~2 s for the built-in model.
+        @property
+        def data(self):
+            return self._data
+
+        @data.setter
+        def data(self, value):
+            self._data = value.view(np.ndarray)
+
     try:
-        return gguf.GGUFReader(path)
+        return Reader(path)
     except Exception as e:  # the reader raises ValueError/struct errors of many kinds on bad files
         raise ValueError(f"{path}: not a readable GGUF file ({e})") from None
 
