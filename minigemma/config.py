@@ -146,6 +146,8 @@ class GemmaConfig:
     @classmethod
     def from_hf_dict(cls, data: dict) -> "GemmaConfig":
         """Build a config from a config.json dict, legacy or current style."""
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
         model_type = data.get("model_type")
         if model_type == "gemma3":  # multimodal Gemma 3 (4b+): the language model is in text_config
             data = {"model_type": "gemma3_text", **(data.get("text_config") or {})}
@@ -156,9 +158,11 @@ class GemmaConfig:
         d = {**_DEFAULTS[model_type], **{k: v for k, v in data.items() if v is not None or k in (
             "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "sliding_window")}}
 
-        # Gemma 1 configs say "gelu", but Gemma was trained with the tanh approximation; transformers
-        # rewrites it with a warning (transformers#29402). Anything else would be a different model.
-        act = data.get("hidden_activation") or data.get("hidden_act") or "gelu_pytorch_tanh"
+        # transformers reads the activation from `hidden_act` for Gemma 1 and `hidden_activation` for Gemma 2/3
+        # (ignoring the other key). Gemma 1 configs say "gelu", but Gemma was trained with the tanh
+        # approximation; transformers rewrites it with a warning (transformers#29402). Anything else would be
+        # a different model.
+        act = data.get("hidden_act" if model_type == "gemma" else "hidden_activation") or "gelu_pytorch_tanh"
         if act not in ("gelu", "gelu_pytorch_tanh", "gelu_new"):
             raise ValueError(f"hidden activation {act!r} is not supported (Gemma uses tanh GELU)")
         if data.get("use_bidirectional_attention"):
@@ -196,7 +200,9 @@ class GemmaConfig:
             max_position_embeddings=int(d["max_position_embeddings"]),
             query_pre_attn_scalar=None if model_type == "gemma" else d["query_pre_attn_scalar"],
             sliding_window=d.get("sliding_window") if SLIDING in layer_types else None,
-            attn_logit_softcapping=d.get("attn_logit_softcapping"),
+            # Gemma 3 replaced the attention soft-cap with QK-norm; transformers' Gemma3Attention ignores the
+            # field even when a config sets it, and so do we
+            attn_logit_softcapping=None if model_type == "gemma3_text" else d.get("attn_logit_softcapping"),
             final_logit_softcapping=d.get("final_logit_softcapping"),
             bos_token_id=int(d.get("bos_token_id", 2)),
             eos_token_id=tuple(eos) if isinstance(eos, list) else (int(eos),),

@@ -1,0 +1,463 @@
+"""Each minigemma layer against the matching transformers module, on random inputs.
+
+transformers 5.24 (float32, CPU, eager attention) is the oracle: its RMSNorm, rotary embedding and
+`apply_rotary_pos_emb`, activation table, MLP, attention and decoder-layer modules, fed the same random
+weights and inputs as minigemma's functions. Where no module exists (the boolean mask) the oracle is
+transformers' mask functions evaluated on index grids, and the definition written out in Python.
+
+Tolerances. Both sides compute in float32 (eps = 2^-23 ~ 1.2e-7), but not in the same order (different matmul
+kernels, torch vs NumPy pow/cos/tanh), so results agree to a few float32 rounding steps per reduction. With the
+sizes used here (sums over <= 256 terms) that stays below 1e-5 of the output's largest magnitude, which is the
+default tolerance below (`assert_close`). A real mistake (wrong pairing, scale, norm offset, activation, mask,
+soft-cap order, head grouping) moves outputs by 1e-2 or more. RoPE at large positions needs a position-dependent
+bound, derived at `rope_atol`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from transformers.activations import ACT2FN
+from transformers.masking_utils import and_masks, causal_mask_function, sliding_window_overlay
+from transformers.models.gemma import modeling_gemma as hf_gemma
+from transformers.models.gemma2 import modeling_gemma2 as hf_gemma2
+from transformers.models.gemma3 import modeling_gemma3 as hf_gemma3
+
+from minigemma import layers, model
+from minigemma.config import FULL, SLIDING, GemmaConfig
+from minigemma.kvcache import KVCache
+from minigemma.params import LayerParams
+
+EPS32 = 2.0**-23  # float32 machine epsilon
+RTOL = 1e-5  # see the module docstring
+
+
+def assert_close(ours, ref, rtol=RTOL):
+    """Elementwise |ours - ref| <= rtol * (|ref| + max|ref|): relative to the magnitude of the whole output,
+    so values that cancel to near zero are not held to a relative bound they cannot meet."""
+    ours, ref = np.asarray(ours), np.asarray(ref)
+    assert ours.shape == ref.shape
+    np.testing.assert_allclose(ours, ref, rtol=rtol, atol=rtol * float(np.max(np.abs(ref))))
+
+
+def t(x):
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def randomize_(module, seed: int, std: float = 0.2):
+    """Random weights: matrices N(0, std^2), norm gains N(0, 0.5^2) so that (1 + w) is far from 1."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(module.named_parameters()):
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if p.dim() == 1 else std))
+    return module.eval()
+
+
+def np_(p) -> np.ndarray:
+    return p.detach().numpy().astype(np.float32)
+
+
+# ---- RMSNorm ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("norm_cls", [hf_gemma.GemmaRMSNorm, hf_gemma3.Gemma3RMSNorm])
+@pytest.mark.parametrize("scale", [1e-4, 1.0, 1e4])  # 1e-4: mean(x^2) ~ 1e-8 << eps, so eps dominates
+@pytest.mark.parametrize("eps", [1e-6, 1e-5])
+def test_rms_norm_matches_transformers(norm_cls, scale, eps):
+    rng = np.random.default_rng(0)
+    D = 64
+    x = (rng.standard_normal((3, 5, D)) * scale).astype(np.float32)
+    w = (rng.standard_normal(D) * 0.5).astype(np.float32)
+    norm = norm_cls(D, eps=eps)
+    with torch.no_grad():
+        norm.weight.copy_(t(w))
+        ref = norm(t(x)).numpy()
+    ours = layers.rms_norm(x, w, eps)
+    assert ours.dtype == np.float32
+    assert_close(ours, ref)
+
+
+def test_rms_norm_gain_is_one_plus_weight():
+    """A zero weight is the identity gain (Gemma stores the gain zero-centred); the output then has RMS 1."""
+    x = np.random.default_rng(1).standard_normal((4, 32)).astype(np.float32) * 7
+    y = layers.rms_norm(x, np.zeros(32, np.float32), 0.0)
+    np.testing.assert_allclose(np.sqrt(np.mean(y.astype(np.float64) ** 2, -1)), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e-2, 1.0, 1e3])  # 1e3: x^2 = 1e6 overflows float16 (max 65504)
+def test_rms_norm_computes_in_float32_from_float16(scale):
+    rng = np.random.default_rng(2)
+    D = 64
+    x16 = (rng.standard_normal((6, D)) * scale).astype(np.float16)
+    w = (rng.standard_normal(D) * 0.5).astype(np.float32)
+    ours = layers.rms_norm(x16, w, 1e-6)
+    assert ours.dtype == np.float32
+    # the same as normalising the float16 values converted to float32 (exactly: float16 -> float32 is exact)
+    np.testing.assert_array_equal(ours, layers.rms_norm(x16.astype(np.float32), w, 1e-6))
+    assert np.all(np.isfinite(ours))
+    # transformers computes in float32 and casts back to float16 only at the end ("(x * w).to(float16)");
+    # our float32 result rounded to float16 is that, up to one float16 rounding step (2^-10 relative)
+    norm = hf_gemma.GemmaRMSNorm(D, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(t(w))
+        ref16 = norm(t(x16)).numpy()
+    assert ref16.dtype == np.float16
+    np.testing.assert_allclose(ours.astype(np.float16).astype(np.float32), ref16.astype(np.float32),
+                               rtol=2.0**-10, atol=2.0**-10 * float(np.max(np.abs(ref16))))
+
+
+# ---- RoPE ------------------------------------------------------------------------------------------------
+
+POSITIONS = np.array([0, 1, 2, 3, 7, 100, 511, 512, 513, 1000, 2047, 4095, 4096, 4999, 5000])
+HEAD_DIM = 256  # every Gemma's head_dim
+
+
+def rope_atol(positions) -> np.ndarray:
+    """How far two correct float32 RoPE tables may differ at each position (shape (T, 1)).
+
+    inv_freq_i <= 1, and torch's and NumPy's float32 pow may round it 1 ulp apart (<= 2^-24 below 1); the
+    angle p * inv_freq then differs by <= p * 2^-24, plus each side's rounding of the product (<= half an ulp
+    of the angle, 2^-24 * p each). cos and sin have slope <= 1, so the tables differ by <= p * 2^-22, plus a
+    few ulps for cos/sin themselves. At p = 5000 that is 1.2e-3; a wrong theta, factor or position moves
+    angles by O(1) radians."""
+    return (np.asarray(positions, np.float64) * 2.0**-22 + 4 * EPS32)[:, None]
+
+
+def hf_rope_tables(theta: float, factor: float, positions, layer_type: str | None):
+    """cos, sin from transformers: Gemma3RotaryEmbedding for a layer type, GemmaRotaryEmbedding otherwise."""
+    rope = {"rope_type": "linear", "rope_theta": theta, "factor": factor} if factor != 1.0 else \
+        {"rope_type": "default", "rope_theta": theta}
+    common = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=1, head_dim=HEAD_DIM,
+                  intermediate_size=96, num_hidden_layers=2, vocab_size=32)
+    x = torch.zeros(1, dtype=torch.float32)
+    pos = torch.as_tensor(np.asarray(positions))[None]
+    if layer_type is None:
+        rot = hf_gemma.GemmaRotaryEmbedding(transformers.GemmaConfig(**common, rope_parameters=rope))
+        cos, sin = rot(x, pos)
+    else:
+        other = {"rope_type": "default", "rope_theta": 12345.0}  # the other layer type: must not leak in
+        params = {layer_type: rope, (FULL if layer_type == SLIDING else SLIDING): other}
+        cfg = transformers.Gemma3TextConfig(**common, rope_parameters=params,
+                                            layer_types=[SLIDING, FULL])
+        cos, sin = hf_gemma3.Gemma3RotaryEmbedding(cfg)(x, pos, layer_type)
+    return cos[0].numpy(), sin[0].numpy()
+
+
+ROPE_CASES = [  # (theta, factor, layer type)
+    (10_000.0, 1.0, None),  # Gemma 1/2
+    (1_000_000.0, 1.0, None),
+    (10_000.0, 1.0, SLIDING),  # Gemma 3 local layers
+    (1_000_000.0, 1.0, FULL),  # Gemma 3 global layers (270m, 1b)
+    (1_000_000.0, 8.0, FULL),  # Gemma 3 4b+ global layers: linear scaling
+    (10_000.0, 4.0, None),  # linear scaling through the single-table class
+]
+
+
+@pytest.mark.parametrize("theta,factor,layer_type", ROPE_CASES)
+def test_rope_angles_match_transformers(theta, factor, layer_type):
+    cos_ref, sin_ref = hf_rope_tables(theta, factor, POSITIONS, layer_type)
+    cos, sin = layers.rope_angles(POSITIONS, HEAD_DIM, theta, factor)
+    assert cos.shape == sin.shape == (len(POSITIONS), HEAD_DIM)
+    assert cos.dtype == sin.dtype == np.float32
+    atol = rope_atol(POSITIONS)
+    assert np.all(np.abs(cos - cos_ref) <= atol) and np.all(np.abs(sin - sin_ref) <= atol)
+
+
+@pytest.mark.parametrize("theta,factor,layer_type", ROPE_CASES)
+def test_apply_rope_matches_transformers(theta, factor, layer_type):
+    rng = np.random.default_rng(3)
+    H, K, T = 4, 2, len(POSITIONS)
+    q = rng.standard_normal((H, T, HEAD_DIM)).astype(np.float32)
+    k = rng.standard_normal((K, T, HEAD_DIM)).astype(np.float32)
+    cos_ref, sin_ref = hf_rope_tables(theta, factor, POSITIONS, layer_type)
+    q_ref, k_ref = hf_gemma.apply_rotary_pos_emb(t(q)[None], t(k)[None], t(cos_ref)[None], t(sin_ref)[None])
+    q_ref, k_ref = q_ref[0].numpy(), k_ref[0].numpy()
+
+    # 1) the rotation alone, on transformers' own tables: the same float32 operations
+    assert_close(layers.apply_rope(q, cos_ref, sin_ref), q_ref, rtol=1e-6)
+    assert_close(layers.apply_rope(k, cos_ref, sin_ref), k_ref, rtol=1e-6)
+
+    # 2) end to end with our tables: each output is a sum of two table entries times an input element,
+    # so it may be off by 2 * max|x| * rope_atol(p) (see rope_atol)
+    cos, sin = layers.rope_angles(POSITIONS, HEAD_DIM, theta, factor)
+    for ours, ref, x in ((layers.apply_rope(q, cos, sin), q_ref, q), (layers.apply_rope(k, cos, sin), k_ref, k)):
+        bound = 2 * np.max(np.abs(x)) * rope_atol(POSITIONS)  # (T, 1), broadcast over heads and Dh
+        assert np.all(np.abs(ours - ref) <= bound)
+
+
+@pytest.mark.parametrize("i", [0, 1, 5, 64, 127])
+@pytest.mark.parametrize("p", [1, 3, 100, 4999])
+def test_rope_pairs_element_i_with_i_plus_half(i, p):
+    """Split-half pairing: a vector with only x_i and x_{i+Dh/2} non-zero stays in that plane, rotated by
+    angle p * theta^(-2i/Dh). An interleaved (2i, 2i+1) RoPE would leak into element i+1 or i-1."""
+    Dh, theta = HEAD_DIM, 10_000.0
+    a, b = 0.6, -1.3
+    x = np.zeros((1, 1, Dh), np.float32)
+    x[0, 0, i], x[0, 0, i + Dh // 2] = a, b
+    cos, sin = layers.rope_angles(np.array([p]), Dh, theta)
+    y = layers.apply_rope(x, cos, sin)[0, 0]
+
+    others = np.delete(y, [i, i + Dh // 2])
+    assert np.all(others == 0)
+    angle = p * theta ** (-2 * i / Dh)  # float64
+    tol = 2 * abs(b) * float(rope_atol([p])[0, 0]) + 2 * EPS32
+    assert abs(y[i] - (a * np.cos(angle) - b * np.sin(angle))) <= tol
+    assert abs(y[i + Dh // 2] - (b * np.cos(angle) + a * np.sin(angle))) <= tol
+    assert np.hypot(y[i], y[i + Dh // 2]) == pytest.approx(np.hypot(a, b), rel=1e-6)  # a rotation
+
+
+# ---- GELU and MLP ----------------------------------------------------------------------------------------
+
+def test_gelu_tanh_matches_transformers_and_not_erf_gelu():
+    rng = np.random.default_rng(4)
+    x = np.concatenate([np.linspace(-10, 10, 2001), rng.standard_normal(1000) * 3]).astype(np.float32)
+    ours = layers.gelu_tanh(x)
+    ref = ACT2FN["gelu_pytorch_tanh"](t(x)).numpy()
+    assert ours.dtype == np.float32
+    np.testing.assert_allclose(ours, ref, rtol=RTOL, atol=1e-6)  # values of O(1): 1e-6 is ~10 float32 ulps
+    # exact (erf) GELU differs from the tanh approximation by up to ~5e-4: far above the tolerance, so using
+    # it (transformers#29402) would fail the assertion above
+    erf_gelu = torch.nn.functional.gelu(t(x), approximate="none").numpy()
+    assert np.max(np.abs(ours - erf_gelu)) > 100 * 1e-6
+
+
+@pytest.mark.parametrize("hidden_act", ["gelu_pytorch_tanh", "gelu"])  # "gelu" is rewritten to tanh (Gemma 1)
+def test_mlp_matches_transformers(hidden_act):
+    D, F, T = 64, 96, 7
+    mlp = randomize_(hf_gemma.GemmaMLP(transformers.GemmaConfig(hidden_size=D, intermediate_size=F,
+                                                                hidden_act=hidden_act)), seed=5)
+    x = np.random.default_rng(5).standard_normal((T, D)).astype(np.float32)
+    with torch.no_grad():
+        ref = mlp(t(x)).numpy()
+    ours = layers.mlp(x, np_(mlp.gate_proj.weight), np_(mlp.up_proj.weight), np_(mlp.down_proj.weight))
+    assert ours.dtype == np.float32
+    assert_close(ours, ref)
+
+
+# ---- Masks -----------------------------------------------------------------------------------------------
+
+MASK_CASES = {  # name -> (query positions, key positions)
+    "prefill": (np.arange(0, 12), np.arange(0, 12)),
+    # a cached continuation: 4 new tokens after 10, keys are the whole history
+    "continuation": (np.arange(10, 14), np.arange(0, 14)),
+    # a sliding layer's cache after trimming: keys start past 0
+    "trimmed-cache": (np.arange(20, 23), np.arange(13, 23)),
+    "one-decode-step": (np.array([30]), np.arange(0, 31)),
+}
+
+
+@pytest.mark.parametrize("window", [1, 3, 8, None])
+@pytest.mark.parametrize("case", list(MASK_CASES))
+def test_attention_mask(case, window):
+    q_pos, k_pos = MASK_CASES[case]
+    ours = layers.attention_mask(q_pos, k_pos, window)
+    assert ours.dtype == bool and ours.shape == (len(q_pos), len(k_pos))
+
+    # transformers' mask functions on the grid of absolute positions
+    fn = causal_mask_function if window is None else and_masks(causal_mask_function,
+                                                                sliding_window_overlay(window))
+    qi, ki = torch.as_tensor(q_pos)[:, None], torch.as_tensor(k_pos)[None, :]
+    ref = fn(torch.tensor(0), torch.tensor(0), qi, ki).expand(len(q_pos), len(k_pos)).numpy()
+    np.testing.assert_array_equal(ours, ref)
+
+    # the definition: a query at i sees the last W positions, itself included
+    for r, i in enumerate(q_pos):
+        visible = {j for j in range(i + 1) if window is None or j >= i - window + 1}
+        assert set(k_pos[ours[r]]) == visible & set(k_pos)
+    if window == 1:  # each query sees only itself
+        assert np.array_equal(ours, q_pos[:, None] == k_pos[None, :])
+
+
+# ---- Attention and blocks against transformers modules ---------------------------------------------------
+
+TINY = dict(vocab_size=32, hidden_size=64, intermediate_size=96, max_position_embeddings=512)
+
+# name -> (transformers config class, config kwargs, layer index). Each says what it is there to cover.
+ATTN_CASES = {
+    # Gemma 1 multi-head (K = H, as gemma-7b) with H * Dh = 128 != D = 64
+    "gemma1-mha": (transformers.GemmaConfig, dict(num_attention_heads=4, num_key_value_heads=4, head_dim=32,
+                                                  num_hidden_layers=1), 0),
+    # Gemma 1 multi-query (K = 1, as gemma-2b)
+    "gemma1-mqa": (transformers.GemmaConfig, dict(num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                                                  num_hidden_layers=1), 0),
+    # Gemma 2 grouped-query, sliding layer 0 (window 4 < T), soft-cap 2.0 small enough to bite, and a
+    # query_pre_attn_scalar that is not head_dim
+    "gemma2-sliding-softcap": (transformers.Gemma2Config, dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_hidden_layers=2, sliding_window=4,
+        attn_logit_softcapping=2.0, query_pre_attn_scalar=24), 0),
+    # Gemma 2 global layer 1
+    "gemma2-full": (transformers.Gemma2Config, dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_hidden_layers=2, sliding_window=4,
+        attn_logit_softcapping=2.0), 1),
+    # Gemma 3: QK-norm; sliding layer with base 1e4
+    "gemma3-sliding": (transformers.Gemma3TextConfig, dict(
+        num_attention_heads=4, num_key_value_heads=1, head_dim=32, num_hidden_layers=2, sliding_window=5,
+        layer_types=[SLIDING, FULL],
+        rope_parameters={FULL: {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0},
+                         SLIDING: {"rope_type": "default", "rope_theta": 1e4}}), 0),
+    # Gemma 3 global layer: base 1e6 and linear scaling x8
+    "gemma3-full-linear": (transformers.Gemma3TextConfig, dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_hidden_layers=2, sliding_window=5,
+        layer_types=[SLIDING, FULL],
+        rope_parameters={FULL: {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0},
+                         SLIDING: {"rope_type": "default", "rope_theta": 1e4}}), 1),
+}
+
+HF_MODULES = {  # config class -> (attention, decoder layer, rotary embedding)
+    transformers.GemmaConfig: (hf_gemma.GemmaAttention, hf_gemma.GemmaDecoderLayer, hf_gemma.GemmaRotaryEmbedding),
+    transformers.Gemma2Config: (hf_gemma2.Gemma2Attention, hf_gemma2.Gemma2DecoderLayer,
+                                hf_gemma2.Gemma2RotaryEmbedding),
+    transformers.Gemma3TextConfig: (hf_gemma3.Gemma3Attention, hf_gemma3.Gemma3DecoderLayer,
+                                    hf_gemma3.Gemma3RotaryEmbedding),
+}
+
+
+def hf_setup(name, **changes):
+    """The transformers config, our config built from its dict, and the layer index."""
+    config_cls, kwargs, layer = ATTN_CASES[name]
+    hf_config = config_cls(**TINY, **{**kwargs, **changes}, attn_implementation="eager")
+    return hf_config, GemmaConfig.from_hf_dict(hf_config.to_dict()), layer
+
+
+def hf_position_embeddings(hf_config, layer, positions, x):
+    rotary = HF_MODULES[type(hf_config)][2](hf_config)
+    pos = torch.as_tensor(positions)[None]
+    if isinstance(hf_config, transformers.Gemma3TextConfig):
+        return rotary(x, pos, hf_config.layer_types[layer])
+    return rotary(x, pos)
+
+
+def additive_mask(positions, window) -> torch.Tensor:
+    """(1, 1, T, T) float mask, 0 where allowed and float32's most negative value elsewhere (as transformers'
+    eager masks), built from the definition: j <= i, and i - W < j on sliding layers."""
+    i, j = np.asarray(positions)[:, None], np.asarray(positions)[None, :]
+    allowed = (j <= i) & ((j > i - window) if window is not None else True)
+    return torch.where(torch.as_tensor(allowed), 0.0, torch.finfo(torch.float32).min)[None, None]
+
+
+def our_rope(c: GemmaConfig, layer: int, positions):
+    r = c.layer_rope(layer)
+    return layers.rope_angles(positions, c.head_dim, r.theta, r.factor)
+
+
+DUMMY = np.zeros(0, np.float32)
+
+
+def attention_params(attn) -> dict:
+    out = {f: np_(getattr(attn, f).weight) for f in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    if hasattr(attn, "q_norm"):
+        out |= {"q_norm": np_(attn.q_norm.weight), "k_norm": np_(attn.k_norm.weight)}
+    return out
+
+
+T_SEQ = 12
+
+
+def attention_outputs(hf_config, c: GemmaConfig, layer: int, positions, seed: int):
+    """(ours, transformers') attention output for the same random weights and input."""
+    attn = randomize_(HF_MODULES[type(hf_config)][0](hf_config, layer), seed=seed)
+    assert c.layer_window(layer) == getattr(attn, "sliding_window", None)  # same layer kind on both sides
+    x = np.random.default_rng(seed).standard_normal((len(positions), c.hidden_size)).astype(np.float32)
+    with torch.no_grad():
+        xt = t(x)[None]
+        ref, _ = attn(xt, position_embeddings=hf_position_embeddings(hf_config, layer, positions, xt),
+                      attention_mask=additive_mask(positions, c.layer_window(layer)))
+    p = LayerParams(input_norm=DUMMY, pre_mlp_norm=DUMMY, gate_proj=DUMMY, up_proj=DUMMY, down_proj=DUMMY,
+                    **attention_params(attn))
+    ours = model.self_attention(x, p, c, layer, our_rope(c, layer, positions), positions, KVCache(c))
+    return ours, ref[0].numpy()
+
+
+@pytest.mark.parametrize("start", [0, 37])  # positions need not start at 0: RoPE and mask use absolute ones
+@pytest.mark.parametrize("name", list(ATTN_CASES))
+def test_self_attention_matches_transformers(name, start):
+    hf_config, c, layer = hf_setup(name)
+    ours, ref = attention_outputs(hf_config, c, layer, np.arange(start, start + T_SEQ), seed=len(name))
+    assert ours.dtype == np.float32
+    assert_close(ours, ref)
+
+
+def test_gemma3_attention_ignores_attn_logit_softcapping_as_transformers_does():
+    hf_config, c, layer = hf_setup("gemma3-sliding", attn_logit_softcapping=2.0)
+    assert hf_config.attn_logit_softcapping == 2.0
+    ours, ref = attention_outputs(hf_config, c, layer, np.arange(T_SEQ), seed=12)
+    assert_close(ours, ref)
+
+
+@pytest.mark.parametrize("name", ["gemma2-sliding-softcap", "gemma3-sliding", "gemma1-mqa"])
+def test_self_attention_in_two_calls_matches_transformers(name):
+    """Prefill 7 tokens, then 5 more through the same KV cache: the continuation's queries start at position
+    7 and (on sliding layers) see keys the cache has trimmed to its window. Compared with transformers on the
+    whole sequence at once."""
+    hf_config, c, layer = hf_setup(name)
+    attn = randomize_(HF_MODULES[type(hf_config)][0](hf_config, layer), seed=7)
+    positions = np.arange(T_SEQ)
+    x = np.random.default_rng(8).standard_normal((T_SEQ, c.hidden_size)).astype(np.float32)
+    with torch.no_grad():
+        xt = t(x)[None]
+        ref, _ = attn(xt, position_embeddings=hf_position_embeddings(hf_config, layer, positions, xt),
+                      attention_mask=additive_mask(positions, c.layer_window(layer)))
+    ref = ref[0].numpy()
+
+    p = LayerParams(input_norm=DUMMY, pre_mlp_norm=DUMMY, gate_proj=DUMMY, up_proj=DUMMY, down_proj=DUMMY,
+                    **attention_params(attn))
+    cache = KVCache(c)
+    parts = [model.self_attention(x[s], p, c, layer, our_rope(c, layer, positions[s]), positions[s], cache)
+             for s in (slice(0, 7), slice(7, T_SEQ))]
+    assert_close(np.concatenate(parts), ref)
+
+
+def test_softcap_and_window_change_attention():
+    """The Gemma 2 case above would not notice a missing soft-cap or window if they had no effect on it."""
+    hf_config, c, layer = hf_setup("gemma2-sliding-softcap")
+    attn = randomize_(hf_gemma2.Gemma2Attention(hf_config, layer), seed=9)
+    p = LayerParams(input_norm=DUMMY, pre_mlp_norm=DUMMY, gate_proj=DUMMY, up_proj=DUMMY, down_proj=DUMMY,
+                    **attention_params(attn))
+    positions = np.arange(T_SEQ)
+    x = np.random.default_rng(9).standard_normal((T_SEQ, c.hidden_size)).astype(np.float32)
+    rope = our_rope(c, layer, positions)
+    base = model.self_attention(x, p, c, layer, rope, positions, KVCache(c))
+    no_cap = dataclasses.replace(c, attn_logit_softcapping=None)
+    no_window = dataclasses.replace(c, layer_types=(FULL,) * c.num_hidden_layers)
+    for other in (no_cap, no_window):
+        diff = model.self_attention(x, p, other, layer, rope, positions, KVCache(other)) - base
+        assert np.max(np.abs(diff)) > 1e3 * RTOL * np.max(np.abs(base))
+
+
+def block_params(layer_module, version: int) -> LayerParams:
+    """Our LayerParams from a transformers decoder layer, mapping the norms by what they do: in Gemma 1
+    `post_attention_layernorm` is the norm before the MLP; in Gemma 2/3 it norms the attention output."""
+    m = layer_module
+    mlp = {f: np_(getattr(m.mlp, f).weight) for f in ("gate_proj", "up_proj", "down_proj")}
+    common = dict(input_norm=np_(m.input_layernorm.weight), **attention_params(m.self_attn), **mlp)
+    if version == 1:
+        return LayerParams(pre_mlp_norm=np_(m.post_attention_layernorm.weight), **common)
+    return LayerParams(post_attn_norm=np_(m.post_attention_layernorm.weight),
+                       pre_mlp_norm=np_(m.pre_feedforward_layernorm.weight),
+                       post_mlp_norm=np_(m.post_feedforward_layernorm.weight), **common)
+
+
+@pytest.mark.parametrize("name,version", [("gemma1-mha", 1), ("gemma1-mqa", 1), ("gemma2-sliding-softcap", 2),
+                                          ("gemma2-full", 2), ("gemma3-sliding", 3), ("gemma3-full-linear", 3)])
+def test_block_matches_transformers(name, version):
+    hf_config, c, layer = hf_setup(name)
+    decoder = randomize_(HF_MODULES[type(hf_config)][1](hf_config, layer), seed=10 + version)
+    assert c.sandwich_norms == (version > 1) and c.qk_norm == (version == 3)
+    positions = np.arange(5, 5 + T_SEQ)
+    x = np.random.default_rng(11).standard_normal((T_SEQ, c.hidden_size)).astype(np.float32) * 3
+    with torch.no_grad():
+        xt = t(x)[None]
+        ref = decoder(xt, position_embeddings=hf_position_embeddings(hf_config, layer, positions, xt),
+                      attention_mask=additive_mask(positions, c.layer_window(layer)),
+                      position_ids=torch.as_tensor(positions)[None])
+    ref = (ref[0] if isinstance(ref, tuple) else ref)[0].numpy()
+
+    ours = model.block(x, block_params(decoder, version), c, layer, our_rope(c, layer, positions), positions,
+                       KVCache(c))
+    assert ours.dtype == np.float32
+    assert_close(ours, ref)
+    # the block is residual: the output is not just its input
+    assert np.max(np.abs(ours - x)) > 1e-2
