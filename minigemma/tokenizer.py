@@ -1,0 +1,247 @@
+r"""The Gemma tokenizer: SentencePiece BPE, plus the special-token handling transformers adds around it.
+
+Gemma 1, 2 and 3 all ship a SentencePiece BPE model (`tokenizer.model`). A GGUF file carries the same
+vocabulary as three parallel arrays (pieces, scores, types) instead, so `from_gguf` rebuilds the SentencePiece
+model proto from them in memory. Either way, encoding is two steps:
+
+    "<start_of_turn>user\nhi  there<end_of_turn>"
+      1. cut out special pieces (longest match):  [<start_of_turn>] "user" [\n] "hi  there" [<end_of_turn>]
+      2. SentencePiece-encode the text between:   user -> 2364,   hi ▁▁ there -> 2202 138 13534
+      -> [2, 105, 2364, 107, 2202, 138, 13534, 106]   (2 = <bos>, added in front by default)
+
+Step 1 is needed because SentencePiece never produces control pieces (`<start_of_turn>`, `<pad>`, `<unusedN>`)
+from text, while transformers, our test oracle, does: it registers every control piece as a special
+`AddedToken` and every user-defined piece (`\n` runs, tab runs, `<table>`, `[multimodal]`) as a plain one, both
+`normalized=False`, `lstrip=rstrip=False`, and cuts them out of the raw text before its BPE runs
+(transformers `integrations/gguf/gguf_tokenizer_mapping.py` `add_gguf_special_tokens`; the same for a
+`tokenizer.model` in `convert_slow_tokenizer.py` `SpmConverter`). No spaces around a special piece are
+stripped or added: "a <pad> b" -> a, ▁, <pad>, ▁b.
+
+SentencePiece settings (from the facts file b.12, confirmed against transformers' Gemma tokenizer, whose
+normalizer only replaces " " by "▁" and which adds no prefix space, `models/gemma/tokenization_gemma.py`):
+BPE, byte fallback, identity normalizer, no dummy prefix, no whitespace clean-up, spaces escaped as "▁".
+
+Two adjustments make SentencePiece's BPE agree with transformers' exactly (see `_as_transformers_sees_it`):
+pieces are ranked by their position in the vocabulary, and the whitespace-only "▁▁".."▁"*31 pieces are
+ordinary BPE pieces rather than user-defined ones. They only matter for runs of more than 31 spaces.
+
+Decoding renders every id as its piece text, as transformers' `decode(ids)` does by default ("<end_of_turn>"
+comes out as "<end_of_turn>"), except that a leading <bos> (the one `encode` adds) is dropped, so
+`decode(encode(text)) == text` (caveat: a literal "▁" in the text comes back as a space).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as sp_pb
+
+# Piece types. SentencePiece's `ModelProto.SentencePiece.Type` and llama.cpp's `tokenizer.ggml.token_type`
+# (gguf `constants.py` `TokenType`) use the same numbers, so GGUF types copy straight across.
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+SPACE = "\u2581"  # "▁", SentencePiece's spelling of a space inside pieces
+
+
+class Tokenizer:
+    """SentencePiece tokenizer for Gemma, matching transformers' ids (and its decoding, minus a leading <bos>).
+
+    Build it with `from_file` (a `tokenizer.model`), `from_gguf` (a `gguf.GGUFReader`) or directly from a
+    SentencePiece `ModelProto`.
+    """
+
+    def __init__(self, model: sp_pb.ModelProto):
+        proto = sp_pb.ModelProto()
+        proto.CopyFrom(model)
+        _as_transformers_sees_it(proto)
+        self._sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+
+        self._pieces: list[str] = [p.piece for p in proto.pieces]  # id -> piece, SentencePiece spelling
+        self._ids: dict[str, int] = {piece: i for i, piece in enumerate(self._pieces)}
+        self.vocab_size = len(self._pieces)
+        spec = proto.trainer_spec
+        self.bos_id, self.eos_id, self.pad_id, self.unk_id = spec.bos_id, spec.eos_id, spec.pad_id, spec.unk_id
+
+        # Byte-fallback pieces "<0x00>".."<0xFF>": decoding collects runs of them into bytes.
+        self._byte_value = {i: int(p.piece[3:5], 16) for i, p in enumerate(proto.pieces) if p.type == BYTE}
+
+        # Pieces that transformers matches whole in the raw text before BPE (see the module docstring). The
+        # whitespace-only pieces ("▁▁"...) are left to BPE; transformers doesn't match them on spaces either.
+        self._special_ids = {
+            p.piece: i
+            for i, p in enumerate(proto.pieces)
+            if p.type in (CONTROL, UNKNOWN, USER_DEFINED) and SPACE not in p.piece
+        }
+        # Leftmost-longest matching, like the Aho-Corasick matcher in `tokenizers`: "\n\n\n" is one piece.
+        self._special_re = _trie_regex(self._special_ids)
+
+    # ------------------------------------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_file(cls, path) -> "Tokenizer":
+        """Load an HF-style `tokenizer.model` (a serialized SentencePiece `ModelProto`)."""
+        proto = sp_pb.ModelProto()
+        proto.ParseFromString(Path(path).read_bytes())
+        return cls(proto)
+
+    @classmethod
+    def from_gguf(cls, reader) -> "Tokenizer":
+        """Build the tokenizer from a `gguf.GGUFReader`'s `tokenizer.ggml.*` metadata (no files written)."""
+        return cls(model_proto_from_gguf(reader))
+
+    # ------------------------------------------------------------------------------------------------ encode
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Text -> token ids. Special pieces written in the text become single ids; <bos> first if add_bos."""
+        ids = [self.bos_id] if add_bos else []
+        start = 0
+        for m in self._special_re.finditer(text):
+            if m.start() > start:
+                ids += self._sp.encode(text[start : m.start()])
+            ids.append(self._special_ids[m.group()])
+            start = m.end()
+        if start < len(text):
+            ids += self._sp.encode(text[start:])
+        return ids
+
+    # ------------------------------------------------------------------------------------------------ decode
+
+    def decode(self, ids) -> str:
+        """Token ids -> text, rendering special pieces as their text ("<end_of_turn>"), like transformers'
+        `decode(ids)` with its defaults, except that one leading <bos> is dropped.
+
+        Pieces: "▁" -> " ". Byte pieces: each run of consecutive ones is joined into bytes and decoded as
+        UTF-8; if the run is not valid UTF-8 every byte of it becomes U+FFFD, like the `ByteFallback` decoder
+        of `tokenizers` that transformers uses (so a character cut off mid-way, as in streaming, shows up as
+        U+FFFD until its last byte arrives).
+        """
+        ids = [int(i) for i in ids]
+        if ids and ids[0] == self.bos_id:
+            ids = ids[1:]
+        out: list[str] = []
+        run = bytearray()  # pending byte-fallback bytes
+        for i in ids:
+            if not 0 <= i < self.vocab_size:
+                raise IndexError(f"token id {i} is outside the vocabulary (0..{self.vocab_size - 1})")
+            if i in self._byte_value:
+                run.append(self._byte_value[i])
+                continue
+            if run:
+                out.append(_bytes_to_text(run))
+                run = bytearray()
+            out.append(self._pieces[i].replace(SPACE, " "))
+        if run:
+            out.append(_bytes_to_text(run))
+        return "".join(out)
+
+    # ------------------------------------------------------------------------------------------------ lookups
+
+    def token_id(self, piece: str) -> int:
+        """Id of a piece, spelled the SentencePiece way ("<end_of_turn>", "▁the", "▁▁" for two spaces)."""
+        try:
+            return self._ids[piece]
+        except KeyError:
+            raise KeyError(f"{piece!r} is not a piece of this {self.vocab_size}-piece vocabulary") from None
+
+    def id_to_piece(self, i: int) -> str:
+        if not 0 <= i < self.vocab_size:
+            raise IndexError(f"token id {i} is outside the vocabulary (0..{self.vocab_size - 1})")
+        return self._pieces[i]
+
+
+def model_proto_from_gguf(reader) -> sp_pb.ModelProto:
+    """The SentencePiece `ModelProto` that a GGUF's `tokenizer.ggml.*` arrays describe.
+
+    This is the `tokenizer.model` the GGUF was converted from, as far as the GGUF keeps it: pieces, scores and
+    types copy across; the trainer and normalizer settings, which the GGUF doesn't store, are Gemma's (b.12).
+    """
+    meta = {name: field.contents() for name, field in reader.fields.items() if name.startswith("tokenizer.ggml.")}
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "llama":  # llama.cpp's name for a SentencePiece vocabulary
+        raise ValueError(f"not a SentencePiece vocabulary: tokenizer.ggml.model = {kind!r}")
+    if meta.get("tokenizer.ggml.add_space_prefix", False):
+        raise ValueError("tokenizer.ggml.add_space_prefix is true, but Gemma never adds a space prefix (b.9)")
+    pieces, scores, types = (meta[f"tokenizer.ggml.{k}"] for k in ("tokens", "scores", "token_type"))
+    unk_id = meta["tokenizer.ggml.unknown_token_id"]
+
+    proto = sp_pb.ModelProto()
+    for i, (piece, score, kind) in enumerate(zip(pieces, scores, types)):
+        # The GGUF spells multi-space pieces with real spaces ("  " is id 138); SentencePiece spells them "▁▁"
+        # (transformers `gguf_tokenizer_mapping.py` `gemma_tokenizer`, fix 1). No real SentencePiece piece
+        # holds a space, since spaces are escaped before lookup, so every space here is such a respelling.
+        # The GGUF marks <unk> as control (type 3); SentencePiece insists on exactly one UNKNOWN piece.
+        proto.pieces.add(piece=piece.replace(" ", SPACE), score=score, type=UNKNOWN if i == unk_id else kind)
+
+    spec = proto.trainer_spec  # Gemma's training settings (b.12; transformers `GemmaConverter` docstring)
+    spec.model_type = sp_pb.TrainerSpec.BPE
+    spec.vocab_size = len(pieces)
+    spec.byte_fallback = True  # unknown characters become their UTF-8 bytes, <0x00>..<0xFF>
+    spec.split_digits = True  # every digit is its own piece
+    spec.allow_whitespace_only_pieces = True  # "▁▁", "▁▁▁"... exist
+    spec.unk_id = unk_id
+    spec.bos_id = meta["tokenizer.ggml.bos_token_id"]
+    spec.eos_id = meta["tokenizer.ggml.eos_token_id"]
+    spec.pad_id = meta.get("tokenizer.ggml.padding_token_id", -1)
+
+    norm = proto.normalizer_spec  # text goes in untouched except " " -> "▁"
+    norm.name = "identity"
+    norm.add_dummy_prefix = False  # GGUF: add_space_prefix = false
+    norm.remove_extra_whitespaces = False
+    norm.escape_whitespaces = True
+    return proto
+
+
+def _as_transformers_sees_it(proto: sp_pb.ModelProto) -> None:
+    """Adjust a Gemma SentencePiece model in place so that its BPE gives transformers' ids.
+
+    1. Rank merges by piece position: transformers builds its BPE merges ordered by the position of the merged
+       piece in the vocabulary, not by score (`gguf_tokenizer_mapping.py` `gemma_tokenizer`, fix 2, and
+       `GemmaSentencePieceExtractor` for a `tokenizer.model`). For normal pieces the two orders agree (the
+       scores fall with position), but the whitespace runs "▁▁".."▁"*31 (ids 138-167) score -1000 and sit
+       near the top of the vocabulary; by position they merge before everything else.
+    2. Make those whitespace runs normal pieces. SentencePiece matches user-defined pieces greedily, so 32
+       spaces would become ▁*31 + ▁, but transformers does not match them as added tokens on spaces and lets
+       BPE build them: 32 spaces -> ▁*16 + ▁*16.
+    Nothing else changes: control and other user-defined pieces are cut out before SentencePiece sees the text.
+    """
+    for i, p in enumerate(proto.pieces):
+        p.score = -i
+        if p.type == USER_DEFINED and p.piece.strip(SPACE) == "":
+            p.type = NORMAL
+
+
+def _trie_regex(words) -> re.Pattern:
+    """One regex matching any of `words`, the longest one where several match at a position.
+
+    The words are laid out as a prefix tree, so ["<a>", "<ab>", "<b>"] gives `<(?:a(?:>|b>)|b>)`. A flat
+    "<ab>|<a>|<b>" (longest first) matches the same, but with 6,384 special pieces, most starting with "<",
+    it takes up to a second to compile and tries every alternative at each "<" and "\\n"; the tree takes 0.1 s
+    and follows one branch. A word that is a prefix of another ends in an optional group; `?` is greedy,
+    so the longer word wins.
+    """
+    tree: dict = {}
+    for word in words:
+        node = tree
+        for ch in word:
+            node = node.setdefault(ch, {})
+        node[""] = {}  # a word ends here
+    if not tree:
+        return re.compile(r"(?!)")  # no special pieces: a pattern that never matches
+
+    def pattern(node: dict) -> str:
+        branches = [re.escape(ch) + pattern(child) for ch, child in sorted(node.items()) if ch]
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 and "" not in node else "(?:" + "|".join(branches) + ")"
+        return body + ("?" if "" in node else "")
+
+    return re.compile(pattern(tree))
+
+
+def _bytes_to_text(run: bytearray) -> str:
+    try:
+        return run.decode("utf-8")
+    except UnicodeDecodeError:
+        return "\ufffd" * len(run)  # one replacement per byte, as `tokenizers`' ByteFallback decoder does
