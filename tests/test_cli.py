@@ -1,0 +1,96 @@
+"""The command line, run for real in a subprocess, as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from minigemma.generate import Sampling, chat_prompt, generate
+
+pytestmark = pytest.mark.slow
+
+
+def run(*args, stdin=None, timeout=600):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "minigemma", *args], input=stdin, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def test_generate_with_the_builtin_model_streams_what_the_library_generates(real_model):
+    prompt = "The capital of France is Paris. The capital of Germany is"
+    result = run("generate", prompt, "--max-new-tokens", "12", "--stats")
+    assert result.returncode == 0, result.stderr
+    expected = "".join(generate(real_model, real_model.tokenizer.encode(prompt), Sampling(max_new_tokens=12)))
+    assert result.stdout == expected + "\n"
+    assert "Berlin" in result.stdout
+
+    stats = json.loads(result.stderr.strip().splitlines()[-1])  # the last line of stderr
+    assert stats["prompt_tokens"] == len(real_model.tokenizer.encode(prompt))
+    assert stats["generated_tokens"] == 12
+    for key in ("load_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb"):
+        assert stats[key] > 0, key
+
+
+def test_prompt_from_stdin_chat_and_stop(real_model, gguf_path):
+    prompt = "Name a color."
+    result = run("generate", "-", "--model", str(gguf_path), "--chat", "--system", "Answer in one word.",
+                 "--max-new-tokens", "0", "--stats", stdin=prompt)
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stderr.strip().splitlines()[-1])
+    chat_ids = real_model.tokenizer.encode(chat_prompt(prompt, system="Answer in one word."))
+    assert stats["prompt_tokens"] == len(chat_ids) and stats["generated_tokens"] == 0
+
+    # a stop string cuts the text exactly before it
+    full = run("generate", "Monday, Tuesday,", "--max-new-tokens", "10")
+    assert full.returncode == 0 and "Thursday" in full.stdout
+    cut = run("generate", "Monday, Tuesday,", "--max-new-tokens", "10", "--stop", "Thursday")
+    assert cut.stdout == full.stdout[:full.stdout.index("Thursday")] + "\n"
+
+
+def test_seeded_sampling_is_reproducible():
+    args = ("generate", "Once upon a time", "--temperature", "1.0", "--top-k", "40", "--top-p", "0.9",
+            "--min-p", "0.05", "--repetition-penalty", "1.1", "--seed", "11", "--max-new-tokens", "8")
+    first, second = run(*args), run(*args)
+    assert first.returncode == 0 and first.stdout == second.stdout and first.stdout.strip()
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (("generate", "hi", "--top-p", "1.5"), 2, "top_p must be in (0, 1], got 1.5"),
+    (("generate", "hi", "--temperature", "-1"), 2, "temperature must be >= 0"),
+    (("generate", "hi", "--max-new-tokens", "-3"), 2, "--max-new-tokens"),
+    (("generate", "hi", "--quantize", "int3"), 2, "--quantize"),
+    (("generate", "hi", "--system", "x"), 2, "--system needs --chat"),
+    (("generate",), 2, "prompt"),
+    (("generate", "hi", "--model", "/no/such/model.gguf"), 1, "/no/such/model.gguf: no such file or directory"),
+])
+def test_errors_are_one_clear_line(args, code, message):
+    result = run(*args)
+    assert result.returncode == code
+    assert result.stdout == ""  # no half-written output
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr.strip().splitlines()[-1]
+
+
+def test_not_a_gguf_file_and_prompt_too_long(tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"not a gguf file at all" * 10)
+    result = run("generate", "hi", "--model", str(bad))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert str(bad) in result.stderr
+
+    long_prompt = "hello " * 33_000  # over the 32768-token context window
+    result = run("generate", "-", stdin=long_prompt)
+    assert result.returncode == 1 and result.stdout == ""
+    assert "the context window is 32768 tokens" in result.stderr.strip().splitlines()[-1]
+
+
+def test_installed_console_script():
+    exe = shutil.which("minigemma")
+    assert exe, "the `minigemma` command is not on PATH (pip install -e . installs it)"
+    result = subprocess.run([exe, "generate", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--max-new-tokens" in result.stdout
