@@ -98,7 +98,10 @@ def _load_hf_dir(path: Path) -> Gemma:
     if (path / "tokenizer.model").exists():
         from .tokenizer import Tokenizer
 
-        tokenizer = Tokenizer.from_file(path / "tokenizer.model")
+        try:
+            tokenizer = Tokenizer.from_file(path / "tokenizer.model")
+        except ValueError as e:
+            raise ValueError(f"{path / 'tokenizer.model'}: {e}") from None
     return Gemma(config, params, tokenizer, source=str(path))
 
 
@@ -109,5 +112,10 @@ def _load_gguf(path: Path, progress: bool) -> Gemma:
     reader = open_gguf(path)
     config = config_from_gguf(reader, path)
     params = load_gguf_params(reader, config, path, progress=progress)
-    tokenizer = Tokenizer.from_gguf(reader) if "tokenizer.ggml.tokens" in reader.fields else None
+    tokenizer = None
+    if "tokenizer.ggml.tokens" in reader.fields:
+        try:
+            tokenizer = Tokenizer.from_gguf(reader)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
     return Gemma(config, params, tokenizer, source=str(path))

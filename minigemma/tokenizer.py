@@ -56,7 +56,10 @@ class Tokenizer:
         proto = sp_pb.ModelProto()
         proto.CopyFrom(model)
         _as_transformers_sees_it(proto)
-        self._sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        except RuntimeError as e:  # e.g. "there are not 256 byte pieces although byte_fallback is true"
+            raise ValueError(f"not a usable SentencePiece vocabulary ({e})") from None
 
         self._pieces: list[str] = [p.piece for p in proto.pieces]  # id -> piece, SentencePiece spelling
         self._ids: dict[str, int] = {piece: i for i, piece in enumerate(self._pieces)}
@@ -83,7 +86,10 @@ class Tokenizer:
     def from_file(cls, path) -> "Tokenizer":
         """Load an HF-style `tokenizer.model` (a serialized SentencePiece `ModelProto`)."""
         proto = sp_pb.ModelProto()
-        proto.ParseFromString(Path(path).read_bytes())
+        try:
+            proto.ParseFromString(Path(path).read_bytes())
+        except Exception as e:  # protobuf's DecodeError
+            raise ValueError(f"not a SentencePiece model file ({type(e).__name__})") from None
         return cls(proto)
 
     @classmethod
@@ -163,8 +169,14 @@ def model_proto_from_gguf(reader) -> sp_pb.ModelProto:
         raise ValueError(f"not a SentencePiece vocabulary: tokenizer.ggml.model = {kind!r}")
     if meta.get("tokenizer.ggml.add_space_prefix", False):
         raise ValueError("tokenizer.ggml.add_space_prefix is true, but Gemma never adds a space prefix (b.9)")
-    pieces, scores, types = (meta[f"tokenizer.ggml.{k}"] for k in ("tokens", "scores", "token_type"))
-    unk_id = meta["tokenizer.ggml.unknown_token_id"]
+
+    def need(key):
+        if f"tokenizer.ggml.{key}" not in meta:
+            raise ValueError(f"tokenizer metadata tokenizer.ggml.{key} is missing")
+        return meta[f"tokenizer.ggml.{key}"]
+
+    pieces, scores, types = need("tokens"), need("scores"), need("token_type")
+    unk_id = need("unknown_token_id")
 
     proto = sp_pb.ModelProto()
     for i, (piece, score, kind) in enumerate(zip(pieces, scores, types)):
@@ -181,8 +193,8 @@ def model_proto_from_gguf(reader) -> sp_pb.ModelProto:
     spec.split_digits = True  # every digit is its own piece
     spec.allow_whitespace_only_pieces = True  # "▁▁", "▁▁▁"... exist
     spec.unk_id = unk_id
-    spec.bos_id = meta["tokenizer.ggml.bos_token_id"]
-    spec.eos_id = meta["tokenizer.ggml.eos_token_id"]
+    spec.bos_id = need("bos_token_id")
+    spec.eos_id = need("eos_token_id")
     spec.pad_id = meta.get("tokenizer.ggml.padding_token_id", -1)
 
     norm = proto.normalizer_spec  # text goes in untouched except " " -> "▁"
