@@ -85,7 +85,7 @@ class GemmaConfig:
     bos_token_id: int = 2
     eos_token_id: tuple[int, ...] = (1,)
     pad_token_id: int = 0
-    extra: dict = field(default_factory=dict, compare=False, repr=False)  # unread fields, kept for reference
+    extra: dict = field(default_factory=dict, compare=False, repr=False)  # the config.json as read, for reference
 
     # ---- derived values, in one place -------------------------------------------------------------------
     @property
@@ -155,16 +155,22 @@ class GemmaConfig:
         if model_type not in MODEL_TYPES:
             raise ValueError(f"model_type {model_type!r} is not a Gemma text model (expected one of "
                              f"{', '.join(MODEL_TYPES + ('gemma3',))})")
-        d = {**_DEFAULTS[model_type], **{k: v for k, v in data.items() if v is not None or k in (
-            "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "sliding_window")}}
+        # A field the file leaves out (or sets to null) takes transformers' default, except where null means
+        # something: no soft-cap, no window.
+        nullable = {"attn_logit_softcapping", "final_logit_softcapping", "sliding_window"}
+        d = dict(_DEFAULTS[model_type])
+        d.update({k: v for k, v in data.items() if v is not None or k in nullable})
 
         # transformers reads the activation from `hidden_act` for Gemma 1 and `hidden_activation` for Gemma 2/3
         # (ignoring the other key). Gemma 1 configs say "gelu", but Gemma was trained with the tanh
         # approximation; transformers rewrites it with a warning (transformers#29402). Anything else would be
         # a different model.
         act = data.get("hidden_act" if model_type == "gemma" else "hidden_activation") or "gelu_pytorch_tanh"
-        if act not in ("gelu", "gelu_pytorch_tanh", "gelu_new"):
-            raise ValueError(f"hidden activation {act!r} is not supported (Gemma uses tanh GELU)")
+        tanh_gelu = ("gelu", "gelu_pytorch_tanh", "gelu_new") if model_type == "gemma" else ("gelu_pytorch_tanh",
+                                                                                              "gelu_new")
+        if act not in tanh_gelu:  # (on Gemma 2/3 transformers would run "gelu" as exact erf GELU)
+            raise ValueError(f"hidden activation {act!r} is not supported (Gemma uses tanh GELU: "
+                             f"{', '.join(tanh_gelu)})")
         if data.get("use_bidirectional_attention"):
             raise ValueError("use_bidirectional_attention=true (an encoder variant) is not supported")
         if data.get("tie_word_embeddings") is False:

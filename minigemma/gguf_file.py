@@ -106,8 +106,8 @@ def config_from_gguf(reader, path: Path) -> GemmaConfig:
         max_position_embeddings=int(meta("context_length", 8192)),
         query_pre_attn_scalar=scalar,
         sliding_window=int(meta("attention.sliding_window", 4096)) if pattern else None,
-        attn_logit_softcapping=field(reader, f"{arch}.attn_logit_softcapping",
-                                     50.0 if arch == "gemma2" else None),
+        # only Gemma 2 has an attention soft-cap (Gemma 3 replaced it with QK-norm; see config.py)
+        attn_logit_softcapping=field(reader, "gemma2.attn_logit_softcapping", 50.0) if arch == "gemma2" else None,
         final_logit_softcapping=field(reader, f"{arch}.final_logit_softcapping",
                                       30.0 if arch == "gemma2" else None),
         bos_token_id=int(field(reader, "tokenizer.ggml.bos_token_id", 2)),

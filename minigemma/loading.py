@@ -61,7 +61,8 @@ def resolve_repo_id(repo_id: str) -> Path:
             reason = ""
     else:
         reason = "huggingface_hub is not installed" if huggingface_hub is None else "HF_HUB_OFFLINE is set"
-    raise ValueError(f"{repo_id}: not in the local Hugging Face cache ({repo_dir}) and {reason}; download it "
+    raise ValueError(f"{repo_id}: no such file or directory, not in the local Hugging Face cache ({repo_dir}), "
+                     f"and {reason}; download it "
                      f"where you have network (`huggingface-cli download {repo_id}`, after accepting the "
                      f"Gemma license on its page) or pass a local directory or .gguf file")
 

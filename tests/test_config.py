@@ -278,3 +278,17 @@ def test_from_json_non_object_names_the_file(tmp_path, content):
     path.write_text(content)
     with pytest.raises(ValueError, match=str(tmp_path)):
         GemmaConfig.from_json(path)
+
+
+@pytest.mark.parametrize("name", ["gemma-2-2b", "gemma-3-1b"])
+def test_exact_gelu_on_gemma2_and_3_is_refused(name):
+    """On Gemma 2/3 transformers runs hidden_activation "gelu" as exact (erf) GELU, not Gemma's tanh GELU;
+    rather than silently compute something else, minigemma refuses it. (Gemma 1's "gelu" means tanh.)"""
+    import transformers
+
+    d = {**read(name), "hidden_activation": "gelu"}
+    hf_act = transformers.activations.ACT2FN["gelu"]
+    x = torch.linspace(-3, 3, 7)
+    assert not torch.allclose(hf_act(x), transformers.activations.ACT2FN["gelu_pytorch_tanh"](x), atol=1e-4)
+    with pytest.raises(ValueError, match="'gelu' is not supported"):
+        GemmaConfig.from_hf_dict(d)

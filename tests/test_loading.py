@@ -89,5 +89,5 @@ def test_repo_id_from_local_hf_cache(checkpoint, tmp_path, monkeypatch):
 def test_repo_id_missing_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ValueError, match=r"google/gemma-2b: not in the local Hugging Face cache .*huggingface-cli download"):
+    with pytest.raises(ValueError, match=r"google/gemma-2b: no such file or directory, not in the local Hugging Face cache .*huggingface-cli download"):
         minigemma.load("google/gemma-2b")
