@@ -206,10 +206,10 @@ class GemmaConfig:
             max_position_embeddings=int(d["max_position_embeddings"]),
             query_pre_attn_scalar=None if model_type == "gemma" else d["query_pre_attn_scalar"],
             sliding_window=d.get("sliding_window") if SLIDING in layer_types else None,
-            # Gemma 3 replaced the attention soft-cap with QK-norm; transformers' Gemma3Attention ignores the
-            # field even when a config sets it, and so do we
-            attn_logit_softcapping=None if model_type == "gemma3_text" else d.get("attn_logit_softcapping"),
-            final_logit_softcapping=d.get("final_logit_softcapping"),
+            # Only Gemma 2 caps attention scores (Gemma 3 replaced it with QK-norm); Gemma 1 caps nothing.
+            # transformers ignores these fields where the model has no cap, even when a config sets them.
+            attn_logit_softcapping=d.get("attn_logit_softcapping") if model_type == "gemma2" else None,
+            final_logit_softcapping=None if model_type == "gemma" else d.get("final_logit_softcapping"),
             bos_token_id=int(d.get("bos_token_id", 2)),
             eos_token_id=tuple(eos) if isinstance(eos, list) else (int(eos),),
             pad_token_id=int(d.get("pad_token_id", 0)),

@@ -17,12 +17,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .config import FULL, SLIDING, GemmaConfig, Rope
+from .config import GemmaConfig
 from .params import Params, build_params
 from .quants import dequantize
 
 ARCHITECTURES = ("gemma", "gemma2", "gemma3")
-_MODEL_TYPE = {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text"}
 
 
 def open_gguf(path: Path):
@@ -53,7 +52,8 @@ def field(reader, key: str, default=None):
 
 
 def config_from_gguf(reader, path: Path) -> GemmaConfig:
-    """Rebuild the Hugging Face style config from GGUF metadata, filling in what GGUF does not store."""
+    """Translate GGUF metadata into a config.json-style dict and read that like any config.json, so every
+    derived value (layer types, attention scale, RoPE per layer type) comes from config.py as for HF files."""
     arch = field(reader, "general.architecture")
     if arch not in ARCHITECTURES:
         raise ValueError(f"{path}: architecture {arch!r} is not a Gemma text model "
@@ -70,50 +70,52 @@ def config_from_gguf(reader, path: Path) -> GemmaConfig:
         raise ValueError(f"{path}: tensor token_embd.weight is missing")
     D, H, n = int(meta("embedding_length")), int(meta("attention.head_count")), int(meta("block_count"))
     head_dim = int(meta("attention.key_length", D // H))
-
-    # Hard-coded in llama.cpp (llama-model.cpp), not in the file:
-    #  - layer pattern: Gemma 2 alternates sliding/global from layer 0 (set_swa_pattern(2)); Gemma 3 has
-    #    every 6th layer global (set_swa_pattern(6));
-    #  - Gemma 3 sliding layers use RoPE base 10000 (rope_freq_base_train_swa);
-    #  - attention scale: 1/sqrt(head_dim), except the 27B models, which use 1/sqrt(D/H)
-    #    (detected there by layer count: 46 for Gemma 2 27B, 62 for Gemma 3 27B).
-    pattern = {"gemma": None, "gemma2": 2, "gemma3": 6}[arch]
-    layer_types = tuple(FULL if pattern is None or (i + 1) % pattern == 0 else SLIDING for i in range(n))
-    is_27b = (arch, n) in (("gemma2", 46), ("gemma3", 62))
-    scalar = None if arch == "gemma" else (D // H if is_27b else head_dim)
-
-    theta = float(meta("rope.freq_base", 1_000_000.0 if arch == "gemma3" else 10_000.0))
-    factor = float(field(reader, f"{arch}.rope.scaling.factor", 1.0) or 1.0)
-    if field(reader, f"{arch}.rope.scaling.type", "linear") not in ("linear", "none"):
-        raise ValueError(f"{path}: rope scaling {field(reader, f'{arch}.rope.scaling.type')!r} is not supported")
-    rope = {FULL: Rope(theta, factor),  # Gemma 3 scales global layers only
-            SLIDING: Rope(10_000.0) if arch == "gemma3" else Rope(theta, factor)}
-
-    eos = int(field(reader, "tokenizer.ggml.eos_token_id", 1))
-    return GemmaConfig(
-        model_type=_MODEL_TYPE[arch],
-        vocab_size=int(embed.shape[1]),  # GGUF shape is (D, V), fastest dim first
-        hidden_size=D,
-        intermediate_size=int(meta("feed_forward_length")),
-        num_hidden_layers=n,
-        num_attention_heads=H,
-        num_key_value_heads=int(meta("attention.head_count_kv", H)),
-        head_dim=head_dim,
-        layer_types=layer_types,
-        rope=rope,
+    hf = {
+        "model_type": {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text"}[arch],
+        "vocab_size": int(embed.shape[1]),  # GGUF lists token_embd as (D, V), fastest dim first
+        "hidden_size": D,
+        "intermediate_size": int(meta("feed_forward_length")),
+        "num_hidden_layers": n,
+        "num_attention_heads": H,
+        "num_key_value_heads": int(meta("attention.head_count_kv", H)),
+        "head_dim": head_dim,
         # stored as float32 (9.99999997e-07 for 1e-6): the same number once we compute in float32
-        rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
-        max_position_embeddings=int(meta("context_length", 8192)),
-        query_pre_attn_scalar=scalar,
-        sliding_window=int(meta("attention.sliding_window", 4096)) if pattern else None,
-        # only Gemma 2 has an attention soft-cap (Gemma 3 replaced it with QK-norm; see config.py)
-        attn_logit_softcapping=field(reader, "gemma2.attn_logit_softcapping", 50.0) if arch == "gemma2" else None,
-        final_logit_softcapping=field(reader, f"{arch}.final_logit_softcapping",
-                                      30.0 if arch == "gemma2" else None),
-        bos_token_id=int(field(reader, "tokenizer.ggml.bos_token_id", 2)),
-        eos_token_id=(eos,),
-        pad_token_id=int(field(reader, "tokenizer.ggml.padding_token_id", 0)),
-    )
+        "rms_norm_eps": float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
+        "max_position_embeddings": int(meta("context_length", 8192)),
+        "rope_theta": float(meta("rope.freq_base", 1_000_000.0 if arch == "gemma3" else 10_000.0)),
+        "bos_token_id": int(field(reader, "tokenizer.ggml.bos_token_id", 2)),
+        "eos_token_id": int(field(reader, "tokenizer.ggml.eos_token_id", 1)),
+        "pad_token_id": int(field(reader, "tokenizer.ggml.padding_token_id", 0)),
+    }
+    scaling = field(reader, f"{arch}.rope.scaling.type")
+    if scaling not in (None, "none", "linear"):
+        raise ValueError(f"{path}: rope scaling {scaling!r} is not supported (only linear)")
+    if scaling == "linear":  # config.py applies it to Gemma 3's global layers only, as llama.cpp does
+        hf["rope_scaling"] = {"rope_type": "linear", "factor": float(meta("rope.scaling.factor"))}
+
+    # What GGUF does not store, llama.cpp hard-codes (src/llama-model.cpp), and so do we:
+    #  - the layer pattern: Gemma 2 alternates sliding/global from layer 0 (set_swa_pattern(2), also
+    #    config.py's legacy default for gemma2); Gemma 3 has every 6th layer global (set_swa_pattern(6));
+    #  - Gemma 3's sliding layers use RoPE base 10000 (rope_freq_base_train_swa);
+    #  - the attention scale: 1/sqrt(head_dim), except on the 27B models, 1/sqrt(D/H), which llama.cpp
+    #    recognises by layer count (46 for Gemma 2 27B, 62 for Gemma 3 27B);
+    #  - Gemma 2's window and soft-caps when absent: 4096, 50 and 30.
+    if arch != "gemma":
+        is_27b = (arch, n) in (("gemma2", 46), ("gemma3", 62))
+        hf["query_pre_attn_scalar"] = D // H if is_27b else head_dim
+        hf["final_logit_softcapping"] = field(reader, f"{arch}.final_logit_softcapping",
+                                              30.0 if arch == "gemma2" else None)
+    if arch == "gemma2":
+        hf["sliding_window"] = int(meta("attention.sliding_window", 4096))
+        hf["attn_logit_softcapping"] = field(reader, "gemma2.attn_logit_softcapping", 50.0)
+    if arch == "gemma3":
+        hf["sliding_window"] = int(meta("attention.sliding_window"))
+        hf["sliding_window_pattern"] = 6
+        hf["rope_local_base_freq"] = 10_000.0
+    try:
+        return GemmaConfig.from_hf_dict(hf)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def load_gguf_params(reader, config: GemmaConfig, path: Path, progress: bool = True) -> Params:
