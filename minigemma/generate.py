@@ -9,7 +9,7 @@ splitting a multi-byte character and never showing a stop string.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -36,6 +36,8 @@ class Sampling:
         (they own the checks and raise a ValueError naming the parameter)."""
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.seed is not None and self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         dummy = np.zeros(2, np.float32)
         apply_repetition_penalty(dummy, [], self.repetition_penalty)
         sample_token(dummy, np.random.default_rng(0), temperature=self.temperature)
@@ -51,7 +53,6 @@ class Stats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     finish_reason: str = ""  # "eos", "stop", "length" or "context"
-    extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         decode_steps = max(self.generated_tokens - 1, 0)  # the first token comes from the prefill logits
@@ -63,12 +64,19 @@ class Stats:
             "prefill_tok_s": round(self.prompt_tokens / self.prefill_s, 2) if self.prefill_s else None,
             "decode_tok_s": round(decode_steps / self.decode_s, 2) if self.decode_s and decode_steps else None,
             "finish_reason": self.finish_reason,
-            **self.extra,
         }
 
 
-def generate_ids(model, prompt_ids, sampling: Sampling, stop_ids=(), stats: Stats | None = None) -> Iterator[int]:
-    """Yield new token ids: one prefill over the prompt, then one decode step per token."""
+PREFILL_CHUNK = 512  # prompt tokens per prefill step: bounds the (T, S) score matrices of a long prompt
+
+
+def generate_ids(model, prompt_ids, sampling: Sampling, stop_ids=(), stats: Stats | None = None,
+                 vocab_size: int | None = None) -> Iterator[int]:
+    """Yield new token ids: prefill the prompt through the cache, then one decode step per token.
+
+    `vocab_size` limits sampling to ids below it: Gemma 3 4B+ embeddings have 64 rows more than the
+    tokenizer has pieces (image tokens), and an id the tokenizer can't decode must never be drawn.
+    """
     stats = stats if stats is not None else Stats()
     prompt_ids = [int(i) for i in prompt_ids]
     context = model.config.max_position_embeddings
@@ -83,12 +91,15 @@ def generate_ids(model, prompt_ids, sampling: Sampling, stop_ids=(), stats: Stat
 
     cache = model.new_cache()
     start = time.perf_counter()
-    logits = model.step(prompt_ids, cache)[-1]  # prefill: (V,) logits after the last prompt token
+    # Prefill in chunks: the result is the same as one big step (the cache makes continuation exact), but
+    # the attention scores of a long prompt stay (H, 512, S) instead of (H, T, T).
+    for i in range(0, len(prompt_ids), PREFILL_CHUNK):
+        logits = model.step(prompt_ids[i:i + PREFILL_CHUNK], cache)[-1]  # (V,) after the last prompt token
     stats.prefill_s = time.perf_counter() - start
     stats.finish_reason = "length"
     for _ in range(sampling.max_new_tokens):
         start = time.perf_counter()
-        logits = apply_repetition_penalty(logits, history, sampling.repetition_penalty)
+        logits = apply_repetition_penalty(logits[:vocab_size], history, sampling.repetition_penalty)
         token = sample_token(logits, rng, temperature=sampling.temperature, top_k=sampling.top_k,
                              top_p=sampling.top_p, min_p=sampling.min_p)
         stats.decode_s += time.perf_counter() - start  # our time only, not the caller's between yields
@@ -109,9 +120,9 @@ def generate_ids(model, prompt_ids, sampling: Sampling, stop_ids=(), stats: Stat
 
 
 def stop_token_ids(model) -> set[int]:
-    """End-of-sequence ids: the config's eos, and <end_of_turn>, which instruction-tuned Gemmas emit to end
-    their turn (gemma.cpp secondary_eos_id, HF generation_config eos_token_id [1, 106 or 107])."""
-    ids = set(model.config.eos_token_id)
+    """End-of-sequence ids: the config's and the tokenizer's <eos>, and <end_of_turn>, which instruction-tuned
+    Gemmas emit to end their turn (gemma.cpp secondary_eos_id; HF generation_config eos [1, 106 or 107])."""
+    ids = set(model.config.eos_token_id) | {model.tokenizer.eos_id}
     try:
         ids.add(model.tokenizer.token_id("<end_of_turn>"))
     except KeyError:
@@ -120,12 +131,13 @@ def stop_token_ids(model) -> set[int]:
 
 
 class TextStream:
-    """Turns generated ids into text chunks as they come.
+    """Turns generated ids into text chunks as they come, equal in the end to decoding all ids at once.
 
-    Decoding one token at a time can split a multi-byte character over two byte-fallback tokens (an emoji is
-    4 byte tokens), so we decode everything generated so far and emit only the settled new part: nothing
-    while the text ends in U+FFFD (an incomplete UTF-8 sequence), and nothing that could still turn out to be
-    the start of a stop string.
+    Two things can't be shown as soon as they arrive:
+      * an open run of byte-fallback tokens: an emoji is 4 byte tokens, and the tokenizer decodes a run
+        of them as a whole (valid UTF-8, or one U+FFFD per byte), so a run is settled only when a
+        non-byte token closes it;
+      * the start of a stop string: "EN" may become "END".
     """
 
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
@@ -138,28 +150,35 @@ class TextStream:
     def push(self, token: int) -> str:
         """Add one id; return the text that is now safe to show (maybe empty)."""
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        for s in self.stop:  # a complete stop string: cut right before it, and we are done
-            at = text.find(s, max(0, self.emitted - len(s) + 1))
-            if at != -1:
-                self.stopped = True
-                return self._emit(text, at)
+        settled = len(self.ids)
+        while settled and self.tokenizer.is_byte(self.ids[settled - 1]):
+            settled -= 1  # hold back the open byte run
+        text = self.tokenizer.decode(self.ids[:settled])
+        cut = self._first_stop(text)
+        if cut is not None:  # a complete stop string: cut right before it, and we are done
+            self.stopped = True
+            return self._emit(text, cut)
         end = len(text)
-        if text.endswith("\ufffd"):
-            end = len(text.rstrip("\ufffd"))
         for s in self.stop:  # hold back a tail that may be the start of a stop string
-            for k in range(min(len(s) - 1, end), 0, -1):
-                if text[:end].endswith(s[:k]):
-                    end = min(end, len(text[:end]) - k)
-                    break
+            k = next((k for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])), 0)
+            end = min(end, len(text) - k)
         return self._emit(text, end)
 
     def flush(self) -> str:
-        """The rest, once generation has ended (a held-back partial stop string is real text after all)."""
-        return "" if self.stopped else self._emit(self.tokenizer.decode(self.ids), None)
+        """The rest, once generation has ended: open byte runs and held-back tails are final now."""
+        if self.stopped:
+            return ""
+        text = self.tokenizer.decode(self.ids)
+        cut = self._first_stop(text)
+        self.stopped = cut is not None
+        return self._emit(text, len(text) if cut is None else cut)
 
-    def _emit(self, text: str, end: int | None) -> str:
-        end = len(text) if end is None else end
+    def _first_stop(self, text: str) -> int | None:
+        """Where the earliest stop string starts in the text not yet emitted (or straddling its start)."""
+        hits = [at for s in self.stop if (at := text.find(s, max(0, self.emitted - len(s) + 1))) != -1]
+        return min(hits, default=None)
+
+    def _emit(self, text: str, end: int) -> str:
         chunk = text[self.emitted:end] if end > self.emitted else ""
         self.emitted = max(self.emitted, end)
         return chunk
@@ -168,7 +187,8 @@ class TextStream:
 def generate(model, prompt_ids, sampling: Sampling = Sampling(), stats: Stats | None = None) -> Iterator[str]:
     """Generate text from prompt token ids, yielding chunks of text as they are settled."""
     stream = TextStream(model.tokenizer, sampling.stop)
-    for token in generate_ids(model, prompt_ids, sampling, stop_token_ids(model), stats):
+    for token in generate_ids(model, prompt_ids, sampling, stop_token_ids(model), stats,
+                              vocab_size=model.tokenizer.vocab_size):
         chunk = stream.push(token)
         if chunk:
             yield chunk
@@ -177,6 +197,8 @@ def generate(model, prompt_ids, sampling: Sampling = Sampling(), stats: Stats | 
                 stats.finish_reason = "stop"
             return
     rest = stream.flush()
+    if stream.stopped and stats is not None:
+        stats.finish_reason = "stop"
     if rest:
         yield rest
 

@@ -151,6 +151,10 @@ class Tokenizer:
         except KeyError:
             raise KeyError(f"{piece!r} is not a piece of this {self.vocab_size}-piece vocabulary") from None
 
+    def is_byte(self, i: int) -> bool:
+        """Whether id i is a byte-fallback piece (<0x00>..<0xFF>), one byte of a character's UTF-8."""
+        return i in self._byte_value
+
     def id_to_piece(self, i: int) -> str:
         if not 0 <= i < self.vocab_size:
             raise IndexError(f"token id {i} is outside the vocabulary (0..{self.vocab_size - 1})")

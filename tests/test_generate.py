@@ -16,6 +16,10 @@ class CharTokenizer:
     """Token i is the character chr(ord('a') + i); 26 and 27 are <eos> and <end_of_turn>."""
 
     specials = {26: "<eos>", 27: "<end_of_turn>"}
+    eos_id, vocab_size = 26, 28
+
+    def is_byte(self, i):
+        return False
 
     def decode(self, ids):
         return "".join(self.specials.get(i) or chr(ord("a") + i) for i in ids)
@@ -92,7 +96,7 @@ def test_generation_stops_at_the_context_window():
 
 def test_bad_sampling_values_fail_before_generation():
     for bad in (dict(temperature=-1), dict(top_p=0.0), dict(min_p=2.0), dict(repetition_penalty=0.0),
-                dict(max_new_tokens=-1)):
+                dict(max_new_tokens=-1), dict(seed=-1)):
         with pytest.raises(ValueError, match=list(bad)[0].replace("repetition_", "")):
             Sampling(**bad)
 
@@ -101,13 +105,30 @@ def test_bad_sampling_values_fail_before_generation():
 
 
 class PieceTokenizer:
-    """Decodes ids to fixed pieces, some of them partial UTF-8 (as byte-fallback tokens are)."""
+    """Decodes ids to fixed pieces; one-byte pieces are byte-fallback tokens, decoded run by run as the real
+    tokenizer does (valid UTF-8, or one U+FFFD per byte of an invalid run)."""
 
     def __init__(self, pieces: list[bytes]):
         self.pieces = pieces
 
+    def is_byte(self, i):
+        return len(self.pieces[i]) == 1
+
     def decode(self, ids):
-        return b"".join(self.pieces[i] for i in ids).decode("utf-8", errors="replace")
+        out, run = [], b""
+        for i in list(ids) + [None]:
+            if i is not None and self.is_byte(i):
+                run += self.pieces[i]
+                continue
+            if run:
+                try:
+                    out.append(run.decode())
+                except UnicodeDecodeError:
+                    out.append("\ufffd" * len(run))
+                run = b""
+            if i is not None:
+                out.append(self.pieces[i].decode())
+        return "".join(out)
 
 
 def stream(tokenizer, ids, stop=()):
@@ -125,6 +146,15 @@ def test_stream_never_splits_a_multibyte_character():
     assert all("\ufffd" not in c for c in chunks)
     assert "".join(chunks) == "hi 🌍!"
     assert chunks[1:4] == ["", "", ""]  # nothing shown until the character is whole
+    assert stream(tok, [0, 1, 2, 3, 4]) == ["hi ", "", "", "", "", "🌍"]  # an open run is released at the end
+
+
+def test_stream_equals_decode_even_for_invalid_bytes():
+    """A byte run that turns invalid is decoded as U+FFFD per byte as a whole; what was streamed agrees."""
+    e_acute = "é".encode()
+    tok = PieceTokenizer([b"x", e_acute[:1], e_acute[1:], b"\xe4", b"a"])
+    for ids in ([0, 1, 2, 3, 4], [0, 1, 2, 4], [0, 3, 1, 2]):
+        assert "".join(stream(tok, ids)) == tok.decode(ids)
 
 
 def test_stop_string_is_cut_exactly_even_across_tokens():
@@ -134,6 +164,28 @@ def test_stop_string_is_cut_exactly_even_across_tokens():
     assert not any("EN" in c for c in chunks)  # the start of the stop string was held back, never shown
     # a held-back prefix that turns out not to be a stop string is shown after all
     assert "".join(stream(tok, [0, 4, 5], stop=("END",))) == "one ENx"
+
+
+def test_the_earliest_of_several_stop_strings_wins():
+    tok = PieceTokenizer([b"ab c", b"d"])
+    for stops in (("c", "a"), ("a", "c"), ("b c", "zz")):
+        cut = min(tok.decode([0, 1]).find(s) for s in stops if s in tok.decode([0, 1]))
+        assert "".join(stream(tok, [0, 1], stop=stops)) == tok.decode([0, 1])[:cut]
+
+
+def test_ids_past_the_tokenizer_vocabulary_are_never_sampled():
+    # the model's favourite is id 27, which a 27-piece tokenizer could not decode
+    model = ScriptedModel([27] * 3, runner_up=4)
+    assert list(generate_ids(model, [0], Sampling(max_new_tokens=3), vocab_size=27)) == [4, 4, 4]
+    assert list(generate_ids(ScriptedModel([27] * 3), [0], Sampling(max_new_tokens=1, ignore_eos=True))) == [27]
+
+
+def test_long_prompt_is_prefilled_in_chunks():
+    from minigemma.generate import PREFILL_CHUNK
+
+    model = ScriptedModel([1], context=4 * PREFILL_CHUNK)
+    list(generate_ids(model, list(range(2 * PREFILL_CHUNK + 5)), Sampling(max_new_tokens=1)))
+    assert [len(c) for c in model.calls] == [PREFILL_CHUNK, PREFILL_CHUNK, 5]
 
 
 # ---- chat format ---------------------------------------------------------------------------------------
