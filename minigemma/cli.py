@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -19,10 +20,14 @@ class UsageError(Exception):
     """A bad flag value found after parsing (exit code 2, like argparse's own errors)."""
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
+def whole_number(text: str) -> int:
+    """argparse type for counts: an int >= 0, or a usage error that says so."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
     if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text}")
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
     return value
 
 
@@ -33,9 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", help="the prompt text, or - to read it from standard input")
     g.add_argument("--model", default=None,
                    help="HF directory, .gguf file or HF repo id (default: the built-in Gemma 3 270M)")
-    g.add_argument("--max-new-tokens", type=_positive_int, default=64, help="default: 64")
+    g.add_argument("--max-new-tokens", type=whole_number, default=64, help="default: 64")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=_positive_int, default=0, help="0 = off (default)")
+    g.add_argument("--top-k", type=whole_number, default=0, help="0 = off (default)")
     g.add_argument("--top-p", type=float, default=1.0, help="1 = off (default)")
     g.add_argument("--min-p", type=float, default=0.0, help="0 = off (default)")
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off (default)")
@@ -94,11 +99,15 @@ def main(argv=None) -> int:
         return generate_command(args)
     except UsageError as e:
         parser.error(str(e))  # exit 2
-    except (ValueError, OSError, KeyError) as e:
+    except BrokenPipeError:  # the reader went away (e.g. piped into `head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush can't fail again
+        return 0
+    except MemoryError:
+        print("minigemma: error: out of memory (try a shorter prompt or a smaller model)", file=sys.stderr)
+        return 1
+    except (ValueError, OSError, KeyError, IndexError) as e:
         print(f"minigemma: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # e.g. piped into `head`
-        return 0

@@ -50,7 +50,8 @@ def resolve_repo_id(repo_id: str) -> Path:
         import huggingface_hub
     except ImportError:
         huggingface_hub = None
-    if huggingface_hub is not None and not os.environ.get("HF_HUB_OFFLINE"):
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if huggingface_hub is not None and not offline:
         try:
             return Path(huggingface_hub.snapshot_download(
                 repo_id, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json",

@@ -36,6 +36,16 @@ def test_generate_with_the_builtin_model_streams_what_the_library_generates(real
         assert stats[key] > 0, key
 
 
+def test_the_capital_of_france_with_default_settings(real_model):
+    """The issue's own example: the default command prints a sensible continuation, the library's exactly."""
+    prompt = "The capital of France is"
+    result = run("generate", prompt)
+    assert result.returncode == 0, result.stderr
+    expected = "".join(generate(real_model, real_model.tokenizer.encode(prompt), Sampling()))
+    assert result.stdout == expected + "\n"
+    assert "France" in result.stdout and len(result.stdout.split()) > 20
+
+
 def test_prompt_from_stdin_chat_and_stop(real_model, gguf_path):
     prompt = "Name a color."
     result = run("generate", "-", "--model", str(gguf_path), "--chat", "--system", "Answer in one word.",
