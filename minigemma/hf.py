@@ -53,7 +53,7 @@ class SafetensorsFile:
         if info["dtype"] not in _DTYPES:
             raise ValueError(f"{self.path}: tensor {name} has dtype {info['dtype']}, expected F32, F16 or BF16")
         start, end = (self.data_start + o for o in info["data_offsets"])
-        array = self.mmap[start:end].view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+        array = self.mmap[start:end].view(_DTYPES[info["dtype"]]).reshape(info["shape"])  # bytes -> e.g. (out, in)
         if info["dtype"] == "BF16":
             return bf16_to_f32(array)
         return array.astype(np.float32, copy=False)

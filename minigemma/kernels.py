@@ -1,5 +1,6 @@
-"""Hot kernels. Every matrix product of the model goes through `linear`, so a faster or quantized
-version can replace it without touching the model code.
+"""Hot kernels. Every product with a weight matrix goes through `linear`, so a faster or quantized
+version can replace it without touching the model code. (The two products inside attention, q.k and
+probs.v, have no weights and stay in layers.attention.)
 """
 
 from __future__ import annotations

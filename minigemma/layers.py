@@ -69,14 +69,20 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 
 def softcap(x: np.ndarray, cap: float | None) -> np.ndarray:
-    """Gemma 2's soft-capping: squash smoothly into (-cap, cap). None means no cap."""
+    """Gemma 2's soft-capping: squash smoothly into (-cap, cap). None means no cap.
+
+    Shapes: (...) -> (...)
+    """
     if cap is None:
         return x
     return f32(cap) * np.tanh(x / f32(cap))
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis, in float32; -inf entries get probability 0."""
+    """Softmax over the last axis, in float32; -inf entries get probability 0 (each row needs one finite).
+
+    Shapes: (..., N) -> (..., N)
+    """
     e = np.exp(x - np.max(x, axis=-1, keepdims=True))
     return e / np.sum(e, axis=-1, keepdims=True)
 
@@ -126,6 +132,8 @@ def gelu_tanh(x: np.ndarray) -> np.ndarray:
 
     Gemma was trained with this approximation; exact (erf) GELU was an early bug in ports
     (transformers#29402, gemma_pytorch #37).
+
+    Shapes: (...) -> (...)
     """
     return f32(0.5) * x * (f32(1.0) + np.tanh(f32(np.sqrt(2.0 / np.pi)) * (x + f32(0.044715) * x * x * x)))
 

@@ -105,7 +105,10 @@ class Gemma:
         return forward(self.params, self.config, token_ids, self.new_cache())
 
     def step(self, token_ids, cache: KVCache, last_only: bool = True) -> np.ndarray:
-        """Continue the sequence in `cache` with `token_ids` (prefill or one decode step)."""
+        """Continue the sequence in `cache` with `token_ids` (prefill or one decode step).
+
+        Shapes: (T,) -> (1, V) with last_only (the default), else (T, V)
+        """
         return forward(self.params, self.config, token_ids, cache, last_only=last_only)
 
     def __repr__(self):

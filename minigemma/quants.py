@@ -26,7 +26,9 @@ def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
     bfloat16 is the top half of a float32 (same sign and 8-bit exponent, mantissa cut to 7 bits), so widening
     is exact: put the 16 bits in the high half and zeros in the low half.
     """
-    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    wide = np.asarray(bits, dtype=np.uint16).astype(np.uint32)  # the one new array
+    wide <<= 16  # in place: no second temporary of the same size
+    return wide.view(np.float32)
 
 
 def _f16(b: np.ndarray) -> np.ndarray:
@@ -46,10 +48,6 @@ def _nibbles(b: np.ndarray) -> np.ndarray:
 
 def _f32(b):  # (n, 4) -> (n, 1)
     return b.view("<f4").astype(np.float32)  # a copy: the caller may hold a read-only memmap
-
-
-def _f16_elems(b):  # (n, 2) -> (n, 1)
-    return _f16(b)
 
 
 def _bf16(b):  # (n, 2) -> (n, 1)
@@ -162,7 +160,7 @@ def _q6_k(blocks):
 # The sizes are llama.cpp's GGML_QUANT_SIZES; tests check them against the gguf package.
 _TABLE = {
     0: ("F32", 1, 4, _f32),
-    1: ("F16", 1, 2, _f16_elems),
+    1: ("F16", 1, 2, _f16),  # (n, 2) -> (n, 1)
     30: ("BF16", 1, 2, _bf16),
     8: ("Q8_0", QK, 34, _q8_0),
     2: ("Q4_0", QK, 18, _q4_0),

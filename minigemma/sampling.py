@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import layers
+
 f32 = np.float32
 
 
@@ -30,16 +32,14 @@ def _as_logits(logits) -> np.ndarray:
 def softmax(logits) -> np.ndarray:
     """Probabilities from logits, in float32. -inf logits (filtered tokens) get probability exactly 0.
 
-    Subtracting the max first keeps exp() from overflowing; it needs at least one finite logit.
+    The model's softmax (layers.softmax), with a check: it needs at least one finite logit.
 
     Shapes: (V,) -> (V,)
     """
     logits = _as_logits(logits)
-    m = logits.max()
-    if not np.isfinite(m):
-        raise ValueError(f"softmax needs a finite largest logit, got {m}")
-    e = np.exp(logits - m)  # exp(-inf) = 0
-    return e / e.sum()
+    if not np.isfinite(logits.max()):
+        raise ValueError(f"softmax needs a finite largest logit, got {logits.max()}")
+    return layers.softmax(logits)
 
 
 def apply_repetition_penalty(logits, previous_ids, penalty: float) -> np.ndarray:
