@@ -17,7 +17,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from minigemma.config import GemmaConfig  # noqa: E402
 from minigemma.params import LAYER_TENSORS, MODEL_TENSORS, LayerParams, Params  # noqa: E402
 
+# The published config.json files, from the team's shared folder beside the repository (CI copies it there).
 CONFIG_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "configs"
+assert CONFIG_DIR.is_dir(), f"{CONFIG_DIR} is missing: tests expect the shared/ folder beside the repository"
 
 # A few tiny shapes that still exercise every path. D is kept divisible by H (transformers checks it).
 TINY = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
