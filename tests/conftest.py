@@ -135,6 +135,15 @@ def gguf_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gguf_reader(gguf_path):
+    """The gguf package's own reader on the packaged model (slow to open: parsed once per session). Tests use
+    the plain reader, not minigemma's faster open_gguf, so they do not depend on our reading of the file."""
+    import gguf
+
+    return gguf.GGUFReader(gguf_path)
+
+
+@pytest.fixture(scope="session")
 def real_model(gguf_path):
     """minigemma's load of the packaged model, shared by every test that needs it."""
     import minigemma

