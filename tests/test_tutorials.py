@@ -54,3 +54,7 @@ def test_notebook_runs(path, monkeypatch):
     client = nbclient.NotebookClient(notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                                      resources={"metadata": {"path": str(TUTORIALS)}})
     client.execute()  # raises CellExecutionError naming the failing cell
+
+    code = [c for c in notebook.cells if c.cell_type == "code"]
+    assert all(c.get("execution_count") for c in code), f"{path.name}: some code cells did not run"
+    assert any("assert" in c.source for c in code), f"{path.name}: a tutorial should check its claims"
