@@ -28,7 +28,7 @@ class Sampling:
     min_p: float = 0.0  # keep tokens with probability >= min_p * the top one's; 0: off
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output; 1: off
     seed: int | None = None  # same seed, same text
-    stop: tuple[str, ...] = ()  # stop strings: generation ends before the first one
+    stop: tuple[str, ...] = ()  # stop strings: the text ends right before the earliest one
     ignore_eos: bool = False  # keep going past end-of-sequence / end-of-turn
 
     def __post_init__(self):
