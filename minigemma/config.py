@@ -163,12 +163,11 @@ class GemmaConfig:
 
         # transformers reads the activation from `hidden_act` for Gemma 1 and `hidden_activation` for Gemma 2/3
         # (ignoring the other key). Gemma 1 configs say "gelu", but Gemma was trained with the tanh
-        # approximation; transformers rewrites it with a warning (transformers#29402). Anything else would be
-        # a different model.
+        # approximation; transformers rewrites it with a warning (transformers#29402). On Gemma 2/3 it runs
+        # "gelu" as exact erf GELU, so there it would be a different model, as would anything else.
         act = data.get("hidden_act" if model_type == "gemma" else "hidden_activation") or "gelu_pytorch_tanh"
-        tanh_gelu = ("gelu", "gelu_pytorch_tanh", "gelu_new") if model_type == "gemma" else ("gelu_pytorch_tanh",
-                                                                                              "gelu_new")
-        if act not in tanh_gelu:  # (on Gemma 2/3 transformers would run "gelu" as exact erf GELU)
+        tanh_gelu = ("gelu_pytorch_tanh", "gelu_new") + (("gelu",) if model_type == "gemma" else ())
+        if act not in tanh_gelu:
             raise ValueError(f"hidden activation {act!r} is not supported (Gemma uses tanh GELU: "
                              f"{', '.join(tanh_gelu)})")
         if data.get("use_bidirectional_attention"):
@@ -230,12 +229,11 @@ def _read_rope(model_type: str, d: dict) -> dict[str, Rope]:
         per_type = {t: params.get(t) or {} for t in (FULL, SLIDING)}
     elif params is not None:  # one set for all layers
         per_type = {FULL: params, SLIDING: params}
-    else:
-        scaling = d.get("rope_scaling") or {}
-        local_theta = d.get("rope_local_base_freq", d["rope_theta"]) if model_type == "gemma3_text" else d["rope_theta"]
-        per_type = {FULL: {"rope_theta": d["rope_theta"], **scaling},
-                    SLIDING: {"rope_theta": local_theta} if model_type == "gemma3_text" else
-                    {"rope_theta": d["rope_theta"], **scaling}}
+    else:  # legacy
+        full = {"rope_theta": d["rope_theta"], **(d.get("rope_scaling") or {})}
+        # Gemma 3 gives sliding layers their own base and no scaling; Gemma 1/2 use one set everywhere
+        sliding = {"rope_theta": d["rope_local_base_freq"]} if model_type == "gemma3_text" else full
+        per_type = {FULL: full, SLIDING: sliding}
     rope = {}
     for layer_type, p in per_type.items():
         kind = p.get("rope_type", p.get("type", "default"))

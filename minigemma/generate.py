@@ -193,10 +193,8 @@ def generate(model, prompt_ids, sampling: Sampling = Sampling(), stats: Stats | 
         if chunk:
             yield chunk
         if stream.stopped:
-            if stats is not None:
-                stats.finish_reason = "stop"
-            return
-    rest = stream.flush()
+            break
+    rest = stream.flush()  # "" if a stop string already ended the text
     if stream.stopped and stats is not None:
         stats.finish_reason = "stop"
     if rest:

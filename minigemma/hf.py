@@ -82,14 +82,14 @@ def load_hf_params(directory: Path, config: GemmaConfig) -> Params:
     index = directory / "model.safetensors.index.json"
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
-        files = {f: SafetensorsFile(directory / f) for f in sorted(set(weight_map.values()))}
+        files = [SafetensorsFile(directory / f) for f in sorted(set(weight_map.values()))]
     elif (directory / "model.safetensors").exists():
-        files = {"model.safetensors": SafetensorsFile(directory / "model.safetensors")}
+        files = [SafetensorsFile(directory / "model.safetensors")]
     else:
         raise ValueError(f"{directory}: no model.safetensors or model.safetensors.index.json")
 
     tensors = {}  # text-model name -> reader
-    for file in files.values():
+    for file in files:
         for name in file.names():
             mapped = text_model_name(name)
             if mapped is not None:

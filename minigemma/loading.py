@@ -58,8 +58,6 @@ def resolve_repo_id(repo_id: str) -> Path:
                                          "tokenizer.model"]))
         except Exception as e:  # offline, gated, or no such repo: say what to do instead
             reason = f"download failed: {type(e).__name__}"
-        else:
-            reason = ""
     else:
         reason = "huggingface_hub is not installed" if huggingface_hub is None else "HF_HUB_OFFLINE is set"
     raise ValueError(f"{repo_id}: no such file or directory, not in the local Hugging Face cache ({repo_dir}), "
