@@ -31,6 +31,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The config.json files of Google's published checkpoints, shipped with the package (configs/README.md)
+PUBLISHED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 
@@ -214,6 +217,16 @@ class GemmaConfig:
             pad_token_id=int(d.get("pad_token_id", 0)),
             extra=data,
         )
+
+
+def published_config(name: str) -> GemmaConfig:
+    """The config of a published checkpoint, by name: "gemma-2b", "gemma-7b", "gemma-2-2b", "gemma-3-270m",
+    "gemma-3-1b" (the files in minigemma/configs/, as published on the Hugging Face Hub)."""
+    path = PUBLISHED_CONFIGS / f"{name}.json"
+    if not path.exists():
+        names = ", ".join(sorted(p.stem for p in PUBLISHED_CONFIGS.glob("*.json")))
+        raise ValueError(f"no published config named {name!r} (expected one of {names})")
+    return GemmaConfig.from_json(path)
 
 
 def _read_rope(model_type: str, d: dict) -> dict[str, Rope]:

@@ -59,8 +59,8 @@ def config_from_gguf(reader, path: Path) -> GemmaConfig:
         raise ValueError(f"{path}: architecture {arch!r} is not a Gemma text model "
                          f"(expected one of {', '.join(ARCHITECTURES)})")
 
-    def meta(key, default=None):
-        value = field(reader, f"{arch}.{key}", default)
+    def meta(key):
+        value = field(reader, f"{arch}.{key}")
         if value is None:
             raise ValueError(f"{path}: metadata {arch}.{key} is missing")
         return value
@@ -69,47 +69,53 @@ def config_from_gguf(reader, path: Path) -> GemmaConfig:
     if embed is None:
         raise ValueError(f"{path}: tensor token_embd.weight is missing")
     D, H, n = int(meta("embedding_length")), int(meta("attention.head_count")), int(meta("block_count"))
-    head_dim = int(meta("attention.key_length", D // H))
-    hf = {
+    # What the file holds, under config.json's names. A key the file leaves out is left out here too, so
+    # GemmaConfig.from_hf_dict fills it with transformers' default for the model type: one place owns defaults.
+    optional = {"context_length": "max_position_embeddings", "rope.freq_base": "rope_theta",
+                # stored as float32 (9.99999997e-07 for 1e-6): the same number once we compute in float32
+                "attention.layer_norm_rms_epsilon": "rms_norm_eps"}
+    hf = {hf_key: field(reader, f"{arch}.{key}") for key, hf_key in optional.items()
+          if field(reader, f"{arch}.{key}") is not None}
+    tokens = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id", "padding_token_id": "pad_token_id"}
+    hf.update({hf_key: int(field(reader, f"tokenizer.ggml.{key}")) for key, hf_key in tokens.items()
+               if field(reader, f"tokenizer.ggml.{key}") is not None})
+    hf.update({
         "model_type": {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text"}[arch],
         "vocab_size": int(embed.shape[1]),  # GGUF lists token_embd as (D, V), fastest dim first
         "hidden_size": D,
         "intermediate_size": int(meta("feed_forward_length")),
         "num_hidden_layers": n,
         "num_attention_heads": H,
-        "num_key_value_heads": int(meta("attention.head_count_kv", H)),
-        "head_dim": head_dim,
-        # stored as float32 (9.99999997e-07 for 1e-6): the same number once we compute in float32
-        "rms_norm_eps": float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
-        "max_position_embeddings": int(meta("context_length", 8192)),
-        "rope_theta": float(meta("rope.freq_base", 1_000_000.0 if arch == "gemma3" else 10_000.0)),
-        "bos_token_id": int(field(reader, "tokenizer.ggml.bos_token_id", 2)),
-        "eos_token_id": int(field(reader, "tokenizer.ggml.eos_token_id", 1)),
-        "pad_token_id": int(field(reader, "tokenizer.ggml.padding_token_id", 0)),
-    }
+        # llama.cpp's defaults when these are absent (llama-model.cpp: n_head_kv = n_head, n_embd_head_k =
+        # n_embd / n_head); transformers' per-type defaults would describe another model size
+        "num_key_value_heads": int(field(reader, f"{arch}.attention.head_count_kv") or H),
+        "head_dim": int(field(reader, f"{arch}.attention.key_length") or D // H),
+    })
     scaling = field(reader, f"{arch}.rope.scaling.type")
     if scaling not in (None, "none", "linear"):
         raise ValueError(f"{path}: rope scaling {scaling!r} is not supported (only linear)")
     if scaling == "linear":  # config.py applies it to Gemma 3's global layers only, as llama.cpp does
         hf["rope_scaling"] = {"rope_type": "linear", "factor": float(meta("rope.scaling.factor"))}
 
+    # Gemma 2's window and soft-caps, Gemma 3's window, when the file has them (if not, transformers' Gemma 2
+    # defaults 4096, 50 and 30 are also the values llama.cpp assumes)
+    for key, hf_key in (("attention.sliding_window", "sliding_window"),
+                        ("attn_logit_softcapping", "attn_logit_softcapping"),
+                        ("final_logit_softcapping", "final_logit_softcapping")):
+        if arch != "gemma" and field(reader, f"{arch}.{key}") is not None:
+            hf[hf_key] = field(reader, f"{arch}.{key}")
+
     # What GGUF does not store, llama.cpp hard-codes (src/llama-model.cpp), and so do we:
     #  - the layer pattern: Gemma 2 alternates sliding/global from layer 0 (set_swa_pattern(2), also
     #    config.py's legacy default for gemma2); Gemma 3 has every 6th layer global (set_swa_pattern(6));
     #  - Gemma 3's sliding layers use RoPE base 10000 (rope_freq_base_train_swa);
     #  - the attention scale: 1/sqrt(head_dim), except on the 27B models, 1/sqrt(D/H), which llama.cpp
-    #    recognises by layer count (46 for Gemma 2 27B, 62 for Gemma 3 27B);
-    #  - Gemma 2's window and soft-caps when absent: 4096, 50 and 30.
+    #    recognises by layer count (46 for Gemma 2 27B, 62 for Gemma 3 27B).
     if arch != "gemma":
         is_27b = (arch, n) in (("gemma2", 46), ("gemma3", 62))
-        hf["query_pre_attn_scalar"] = D // H if is_27b else head_dim
-        hf["final_logit_softcapping"] = field(reader, f"{arch}.final_logit_softcapping",
-                                              30.0 if arch == "gemma2" else None)
-    if arch == "gemma2":
-        hf["sliding_window"] = int(meta("attention.sliding_window", 4096))
-        hf["attn_logit_softcapping"] = field(reader, "gemma2.attn_logit_softcapping", 50.0)
+        hf["query_pre_attn_scalar"] = D // H if is_27b else hf["head_dim"]
     if arch == "gemma3":
-        hf["sliding_window"] = int(meta("attention.sliding_window"))
+        meta("attention.sliding_window")  # required: Gemma 3 GGUF files always carry it
         hf["sliding_window_pattern"] = 6
         hf["rope_local_base_freq"] = 10_000.0
     try:

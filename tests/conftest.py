@@ -17,9 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from minigemma.config import GemmaConfig  # noqa: E402
 from minigemma.params import LAYER_TENSORS, MODEL_TENSORS, LayerParams, Params  # noqa: E402
 
-# The published config.json files, from the team's shared folder beside the repository (CI copies it there).
-CONFIG_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "configs"
-assert CONFIG_DIR.is_dir(), f"{CONFIG_DIR} is missing: tests expect the shared/ folder beside the repository"
+from minigemma.config import PUBLISHED_CONFIGS as CONFIG_DIR  # noqa: E402  the published config.json files
 
 # A few tiny shapes that still exercise every path. D is kept divisible by H (transformers checks it).
 TINY = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
@@ -82,7 +80,7 @@ def hf_logits(model, ids) -> np.ndarray:
 
 
 def to_legacy_config(directory: Path) -> dict:
-    """Rewrite a saved config.json in the legacy style of published checkpoints (see shared configs):
+    """Rewrite a saved config.json in the legacy style of published checkpoints (as in minigemma/configs/):
     rope_theta / rope_local_base_freq / rope_scaling instead of rope_parameters, sliding_window_pattern
     instead of layer_types, and Gemma 1's hidden_act "gelu"."""
     path = directory / "config.json"

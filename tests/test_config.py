@@ -18,7 +18,7 @@ import transformers
 
 from minigemma.config import FULL, SLIDING, GemmaConfig, Rope
 from minigemma.layers import rope_angles
-from conftest import CONFIG_DIR  # /work/shared/reference/configs
+from conftest import CONFIG_DIR  # minigemma/configs: the published config.json files
 
 # name -> the parameter count as the issue gives it (rounded)
 PUBLISHED = {"gemma-2b": "2.51B", "gemma-7b": "8.54B", "gemma-2-2b": "2.61B", "gemma-3-270m": "268M",

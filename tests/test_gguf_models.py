@@ -290,3 +290,42 @@ def test_norm_shift_is_undone(cases):
     stored = {t.name: np.array(t.data) for t in gguf.GGUFReader(c.gguf).tensors}
     np.testing.assert_allclose(stored["blk.0.attn_q_norm.weight"],
                                state["model.layers.0.self_attn.q_norm.weight"] + 1, rtol=0, atol=3e-7)
+
+
+# ---- 6. defaults for what a file leaves out --------------------------------------------------------------
+
+@pytest.mark.parametrize("arch, model_type", [("gemma", "gemma"), ("gemma2", "gemma2"), ("gemma3", "gemma3_text")])
+def test_metadata_left_out_takes_the_hf_default(tmp_path, arch, model_type):
+    """A GGUF file with only the required metadata: every value it leaves out (context length, RoPE base, eps,
+    soft-caps, window) must be what a config.json leaving out the same fields gets, i.e. transformers' default
+    for that model type (Gemma 3: a 131072-token context, not 8192)."""
+    from minigemma.config import GemmaConfig
+    from minigemma.gguf_file import config_from_gguf
+
+    D, H, n, F, vocab = 32, 2, 6, 48, 40
+    path = tmp_path / "bare.gguf"
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_embedding_length(D)
+    writer.add_block_count(n)
+    writer.add_feed_forward_length(F)
+    writer.add_head_count(H)
+    if arch == "gemma3":
+        writer.add_sliding_window(8)  # Gemma 3 files always carry it; the loader requires it
+    writer.add_tensor("token_embd.weight", np.zeros((vocab, D), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    ours = config_from_gguf(gguf.GGUFReader(path), path)
+    hf = {"model_type": model_type, "vocab_size": vocab, "hidden_size": D, "intermediate_size": F,
+          "num_hidden_layers": n, "num_attention_heads": H,
+          # what llama.cpp assumes when these are absent: as many kv heads as heads, head_dim = D / H
+          "num_key_value_heads": H, "head_dim": D // H}
+    if arch != "gemma":
+        hf["query_pre_attn_scalar"] = D // H  # llama.cpp: 1/sqrt(head_dim) below 27B
+    if arch == "gemma3":
+        hf["sliding_window"] = 8
+    expected = GemmaConfig.from_hf_dict(hf)
+    assert dataclasses.replace(ours, extra={}) == dataclasses.replace(expected, extra={})
+    assert ours.max_position_embeddings == {"gemma": 8192, "gemma2": 8192, "gemma3": 131072}[arch]
