@@ -17,7 +17,7 @@ from text, while transformers, our test oracle, does: it registers every control
 `tokenizer.model` in `convert_slow_tokenizer.py` `SpmConverter`). No spaces around a special piece are
 stripped or added: "a <pad> b" -> a, ▁, <pad>, ▁b.
 
-SentencePiece settings (from the facts file b.12, confirmed against transformers' Gemma tokenizer, whose
+SentencePiece settings (those of Gemma's published tokenizer.model, and of transformers' Gemma tokenizer, whose
 normalizer only replaces " " by "▁" and which adds no prefix space, `models/gemma/tokenization_gemma.py`):
 BPE, byte fallback, identity normalizer, no dummy prefix, no whitespace clean-up, spaces escaped as "▁".
 
@@ -165,14 +165,16 @@ def model_proto_from_gguf(reader) -> sp_pb.ModelProto:
     """The SentencePiece `ModelProto` that a GGUF's `tokenizer.ggml.*` arrays describe.
 
     This is the `tokenizer.model` the GGUF was converted from, as far as the GGUF keeps it: pieces, scores and
-    types copy across; the trainer and normalizer settings, which the GGUF doesn't store, are Gemma's (b.12).
+    types copy across; the trainer and normalizer settings, which the GGUF doesn't store, are Gemma's (as in
+    transformers `convert_slow_tokenizer.py` `GemmaConverter` and `models/gemma/tokenization_gemma.py`).
     """
     meta = {name: field.contents() for name, field in reader.fields.items() if name.startswith("tokenizer.ggml.")}
     kind = meta.get("tokenizer.ggml.model")
     if kind != "llama":  # llama.cpp's name for a SentencePiece vocabulary
         raise ValueError(f"not a SentencePiece vocabulary: tokenizer.ggml.model = {kind!r}")
     if meta.get("tokenizer.ggml.add_space_prefix", False):
-        raise ValueError("tokenizer.ggml.add_space_prefix is true, but Gemma never adds a space prefix (b.9)")
+        raise ValueError("tokenizer.ggml.add_space_prefix is true, but Gemma's tokenizer never adds a space "
+                         "prefix (llama.cpp's Gemma converter writes false)")
 
     def need(key):
         if f"tokenizer.ggml.{key}" not in meta:
@@ -190,7 +192,7 @@ def model_proto_from_gguf(reader) -> sp_pb.ModelProto:
         # The GGUF marks <unk> as control (type 3); SentencePiece insists on exactly one UNKNOWN piece.
         proto.pieces.add(piece=piece.replace(" ", SPACE), score=score, type=UNKNOWN if i == unk_id else kind)
 
-    spec = proto.trainer_spec  # Gemma's training settings (b.12; transformers `GemmaConverter` docstring)
+    spec = proto.trainer_spec  # Gemma's training settings (transformers `GemmaConverter`)
     spec.model_type = sp_pb.TrainerSpec.BPE
     spec.vocab_size = len(pieces)
     spec.byte_fallback = True  # unknown characters become their UTF-8 bytes, <0x00>..<0xFF>

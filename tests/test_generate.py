@@ -192,7 +192,7 @@ def test_long_prompt_is_prefilled_in_chunks():
 
 
 def test_chat_prompt_format():
-    # the format of Gemma's model card / chat template (gemma-facts b.11)
+    # the format of Gemma's model card and chat template (ai.google.dev/gemma/docs/core/prompt-structure)
     assert chat_prompt("  Hi there \n") == "<start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\n"
     assert chat_prompt("Hi", system="Be brief.") == (
         "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n")
