@@ -1,10 +1,8 @@
 """The real Gemma 3 270M (the packaged Q4_K_M GGUF): minigemma against transformers loading the same file.
 
 transformers dequantizes the GGUF with the gguf package and runs in float32, so both sides start from the
-same numbers; differences are float32 rounding in a different order. On short prompts that is ~1e-6 of the
-largest logit. The long counting prompt is ill-conditioned (the residual stream grows to ~1e5 there): measured
-against a float64 pass of minigemma (layers.f32 = np.float64), transformers' float32 logits are off by 5e-4 and
-ours by 9e-4, and the two float32 runs differ by ~4e-4. Hence the 1e-3 bar.
+same numbers; differences are float32 rounding in a different order. Each prompt has the bound its own
+measurement supports (MAX_REL_ERR).
 """
 
 from __future__ import annotations
@@ -27,6 +25,18 @@ PROMPTS = {
     "weekdays": "Monday, Tuesday, Wednesday,",
     # ~650 tokens: longer than the 512-token sliding window, so local layers must forget the start
     "past-the-window": ", ".join(str(i) for i in range(1, 141)) + ",",
+}
+
+
+# Largest logit difference relative to the largest logit, per prompt: a few times what was measured (in brackets).
+MAX_REL_ERR = {
+    "capitals": 1e-5,  # [1.2e-6]
+    "code": 1e-5,  # [1.7e-6]
+    "weekdays": 1e-5,  # [1.7e-6]
+    # [3.7e-4] The long counting prompt is ill-conditioned: the residual stream grows to ~1e5 there. Against a
+    # float64 pass of minigemma (layers.f32 = np.float64), transformers' float32 logits are off by 5e-4 and ours
+    # by 9e-4, so ~4e-4 between the two float32 runs is rounding, not a bug.
+    "past-the-window": 1e-3,
 }
 
 
@@ -64,7 +74,7 @@ def test_long_prompt_is_past_the_sliding_window(real_model):
 
 
 def test_logits_match_transformers(run):
-    assert rel_err(run["our_logits"], run["hf_logits"]) < 1e-3
+    assert rel_err(run["our_logits"], run["hf_logits"]) < MAX_REL_ERR[run["name"]]
 
 
 def test_top1_matches_at_every_clear_position(run):
