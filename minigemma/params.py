@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 
 from .config import GemmaConfig
+from .errors import ModelFileError
 
 
 @dataclass
@@ -115,10 +116,10 @@ def build_params(config: GemmaConfig, tensors: Mapping[str, Callable[[], np.ndar
         if layer is not None:
             name = LAYER_PREFIX[column].format(layer) + name
         if name not in tensors:
-            raise ValueError(f"{source}: tensor {name} is missing")
+            raise ModelFileError(f"{source}: tensor {name} is missing")
         array = tensors[name]()
         if tuple(array.shape) != spec.shape(config):
-            raise ValueError(f"{source}: tensor {name} has shape {tuple(array.shape)}, "
+            raise ModelFileError(f"{source}: tensor {name} has shape {tuple(array.shape)}, "
                              f"expected {spec.shape(config)}")
         used.add(name)
         return array
@@ -129,5 +130,5 @@ def build_params(config: GemmaConfig, tensors: Mapping[str, Callable[[], np.ndar
     unexpected = sorted(set(tensors) - used - set(ignore))
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        raise ValueError(f"{source}: unexpected tensor {unexpected[0]}{more}")
+        raise ModelFileError(f"{source}: unexpected tensor {unexpected[0]}{more}")
     return Params(layers=layers, **top)
