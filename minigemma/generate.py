@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from numbers import Integral, Real
 from typing import Iterator
 
 import numpy as np
@@ -35,10 +36,15 @@ class Sampling:
     def __post_init__(self):
         """Check every value now, not at the first token: run the sampling functions once on dummy logits
         (they own the checks and raise an InvalidArgument naming the parameter)."""
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+        if not isinstance(self.max_new_tokens, Integral) or self.max_new_tokens < 0:
             raise InvalidArgument(f"max_new_tokens must be a whole number >= 0, got {self.max_new_tokens!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+        if self.seed is not None and (not isinstance(self.seed, Integral) or self.seed < 0):
             raise InvalidArgument(f"seed must be a whole number >= 0 or None, got {self.seed!r}")
+        if not isinstance(self.top_k, Integral):
+            raise InvalidArgument(f"top_k must be a whole number, got {self.top_k!r}")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            if not (isinstance(getattr(self, name), Real) and np.isfinite(getattr(self, name))):
+                raise InvalidArgument(f"{name} must be a finite number, got {getattr(self, name)!r}")
         if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
             raise InvalidArgument(f"stop must be a tuple of strings, got {self.stop!r}")
         dummy = np.zeros(2, np.float32)

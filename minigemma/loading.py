@@ -99,8 +99,9 @@ def load(source: str | os.PathLike | None = None, *, quantize: str | None = None
 
 
 def _load_hf_dir(path: Path) -> Gemma:
-    from .hf import load_hf_params
+    from .hf import load_hf_params, safetensors_paths
 
+    safetensors_paths(path)  # first, so that a folder of pickles says so whether or not it has a config.json
     if not (path / "config.json").exists():
         raise ModelFileError(f"{path}: not a Hugging Face model directory (no config.json)")
     config = GemmaConfig.from_json(path / "config.json")
