@@ -394,3 +394,18 @@ def test_ctrl_c_while_loading_exits_130_without_a_traceback():
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr.decode()
     assert b"Traceback" not in stderr and stdout == b""
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_generating_keeps_the_text_and_exits_130():
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "minigemma", "generate", "Once upon a time",
+                                "--max-new-tokens", "300", "--ignore-eos"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    first = process.stdout.read(1)  # blocks until the first generated text is printed
+    process.send_signal(signal.SIGINT)
+    rest, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr.decode()
+    assert b"Traceback" not in stderr
+    text = (first + rest).decode()
+    assert text.strip() and len(text.split()) < 250  # what was printed stays; it stopped early
