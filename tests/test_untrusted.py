@@ -251,18 +251,20 @@ def fuzz_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def safetensors_seed(fuzz_dir) -> bytes:
+def seeds(fuzz_dir) -> dict[str, bytes]:
+    """Small valid files of each format, written by the formats' own packages."""
     path = fuzz_dir / "seed.safetensors"
     save_file({"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, np.float16),
                "c": np.zeros((2, 2), np.uint16)}, str(path))
-    return path.read_bytes()
+    return {".safetensors": path.read_bytes(), ".gguf": small_gguf(fuzz_dir / "seed.gguf").read_bytes()}
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".gguf"])
 @FUZZ
 @given(edits=EDITS, cut=CUT)
-def test_fuzz_safetensors_bytes(fuzz_dir, safetensors_seed, edits, cut):
-    path = fuzz_dir / "mutated.safetensors"
-    path.write_bytes(mutate(safetensors_seed, edits, cut))
+def test_fuzz_small_files(fuzz_dir, seeds, suffix, edits, cut):
+    path = fuzz_dir / f"mutated{suffix}"
+    path.write_bytes(mutate(seeds[suffix], edits, cut))
     load_everything(path)
 
 
@@ -283,19 +285,6 @@ def test_fuzz_safetensors_headers(fuzz_dir, header, data_size, claimed):
     length = len(raw) if claimed is None else claimed
     path = fuzz_dir / "built.safetensors"
     path.write_bytes(struct.pack("<Q", length) + raw + bytes(data_size))
-    load_everything(path)
-
-
-@pytest.fixture(scope="module")
-def gguf_seed(fuzz_dir) -> bytes:
-    return small_gguf(fuzz_dir / "seed.gguf").read_bytes()
-
-
-@FUZZ
-@given(edits=EDITS, cut=CUT)
-def test_fuzz_small_gguf(fuzz_dir, gguf_seed, edits, cut):
-    path = fuzz_dir / "mutated.gguf"
-    path.write_bytes(mutate(gguf_seed, edits, cut))
     load_everything(path)
 
 
