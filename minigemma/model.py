@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import GemmaConfig
-from .kernels import linear
+from . import kernels
 from .kvcache import KVCache
 from .layers import apply_rope, attention, attention_mask, embed, mlp, rms_norm, rope_angles, softcap
 from .params import LayerParams, Params
@@ -22,9 +22,9 @@ def self_attention(x, p: LayerParams, c: GemmaConfig, layer: int, rope, position
     Shapes: (T, D) -> (T, D)
     """
     T, H, K, Dh = x.shape[0], c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    q = linear(x, p.q_proj).reshape(T, H, Dh).transpose(1, 0, 2)  # (T, H*Dh) -> (H, T, Dh)
-    k = linear(x, p.k_proj).reshape(T, K, Dh).transpose(1, 0, 2)  # (T, K*Dh) -> (K, T, Dh)
-    v = linear(x, p.v_proj).reshape(T, K, Dh).transpose(1, 0, 2)  # (T, K*Dh) -> (K, T, Dh)
+    q = kernels.linear(x, p.q_proj).reshape(T, H, Dh).transpose(1, 0, 2)  # (T, H*Dh) -> (H, T, Dh)
+    k = kernels.linear(x, p.k_proj).reshape(T, K, Dh).transpose(1, 0, 2)  # (T, K*Dh) -> (K, T, Dh)
+    v = kernels.linear(x, p.v_proj).reshape(T, K, Dh).transpose(1, 0, 2)  # (T, K*Dh) -> (K, T, Dh)
     if c.qk_norm:  # Gemma 3 normalises every head before RoPE (transformers Gemma3Attention)
         q = rms_norm(q, p.q_norm, c.rms_norm_eps)
         k = rms_norm(k, p.k_norm, c.rms_norm_eps)
@@ -34,7 +34,7 @@ def self_attention(x, p: LayerParams, c: GemmaConfig, layer: int, rope, position
     window = c.layer_window(layer)
     out = attention(q, k, v, attention_mask(positions, k_positions, window),
                     c.attn_scale, c.attn_logit_softcapping)  # (H, T, Dh)
-    return linear(out.transpose(1, 0, 2).reshape(T, H * Dh), p.o_proj)  # (H, T, Dh) -> (T, H*Dh) -> (T, D)
+    return kernels.linear(out.transpose(1, 0, 2).reshape(T, H * Dh), p.o_proj)  # (H, T, Dh) -> (T, H*Dh) -> (T, D)
 
 
 def block(x, p: LayerParams, c: GemmaConfig, layer: int, rope, positions, cache: KVCache):
@@ -76,7 +76,7 @@ def forward(params: Params, c: GemmaConfig, token_ids, cache: KVCache, last_only
     if last_only:
         x = x[-1:]
     x = rms_norm(x, params.final_norm, c.rms_norm_eps)
-    logits = linear(x, params.embed)  # tied head: (T, D) @ (D, V) -> (T, V)
+    logits = kernels.linear(x, params.embed)  # tied head: (T, D) @ (D, V) -> (T, V)
     # Gemma 2 caps the final logits at 30 (transformers Gemma2ForCausalLM, gemma_pytorch Sampler)
     return softcap(logits, c.final_logit_softcapping)
 
