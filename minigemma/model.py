@@ -13,7 +13,7 @@ from .config import GemmaConfig
 from . import kernels
 from .kvcache import KVCache
 from .layers import apply_rope, attention, attention_mask, embed, mlp, rms_norm, rope_angles, softcap
-from .params import LayerParams, Params
+from .params import LayerParams, Params, params_nbytes
 
 
 def self_attention(x, p: LayerParams, c: GemmaConfig, layer: int, rope, positions, cache: KVCache):
@@ -96,6 +96,11 @@ class Gemma:
             raise ValueError(f"{self.source or 'this model'} has no tokenizer (an HF directory needs "
                              "tokenizer.model; a GGUF file needs tokenizer.ggml.* metadata)")
         return self._tokenizer
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the weights as stored (float32, 16-bit, int8 or int4: see weights.py)."""
+        return params_nbytes(self.params)
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config)
