@@ -1,4 +1,4 @@
-"""`python -m minigemma generate PROMPT` and `python -m minigemma chat` (also installed as `minigemma`).
+"""`python -m minigemma generate PROMPT`, `... chat` and `... perplexity FILE` (also installed as `minigemma`).
 
 Text streams to stdout; progress and diagnostics go to stderr. Errors are one line on stderr: exit code 2
 for a bad command line, 1 for anything that fails after that (a missing or broken file, a prompt too long,
@@ -18,8 +18,8 @@ import time
 import traceback
 from contextlib import contextmanager
 
-from .errors import ContextOverflow, MinigemmaError, UsageError
-from .loading import QUANTIZE_CHOICES
+from .errors import ContextOverflow, InvalidArgument, UsageError
+from .weights import DTYPE_CHOICES, QUANTIZE_CHOICES
 
 
 class Parser(argparse.ArgumentParser):
@@ -51,12 +51,15 @@ def finite_number(text: str) -> float:
     return value
 
 
-def add_model_flags(p: argparse.ArgumentParser):
-    """Which model, and how to hold it: shared by every command that loads one."""
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """--model, --quantize, --dtype: which weights, stored how (shared by every command that loads a model)."""
     p.add_argument("--model", default=None,
                    help="HF directory, .gguf file or HF repo id (default: the built-in Gemma 3 270M)")
-    p.add_argument("--quantize", default="none", choices=[q for q in QUANTIZE_CHOICES if q],
-                   help="weight quantization (default: none)")
+    p.add_argument("--quantize", default="auto", choices=("auto", "none") + QUANTIZE_CHOICES,
+                   help="store the weight matrices as int8 or int4; auto (default): int8 for a .gguf file "
+                        "(already quantized, and 3x less memory than float32), none for a directory")
+    p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
+                   help="store the weight matrices in 16 bits (or float32), instead of --quantize")
     # also accepted after the command; SUPPRESS keeps `minigemma --debug generate ...` working too
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="on an error, show the Python traceback")
@@ -91,7 +94,7 @@ def sampling_from_args(args, **extra):
 def load_model(args):
     from .loading import load
 
-    return load(args.model, quantize=None if args.quantize == "none" else args.quantize)
+    return load(args.model, **model_options(args))
 
 
 def as_text(data: bytes | str, where: str) -> str:
@@ -106,6 +109,17 @@ def as_text(data: bytes | str, where: str) -> str:
         print(f"minigemma: warning: {where} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
               "invalid bytes were replaced by U+FFFD", file=sys.stderr)
         return data.decode("utf-8", "replace")
+
+
+def model_options(args) -> dict:
+    """load() keywords from the model flags. auto: int8 for GGUF files, unless --dtype is given."""
+    quantize = args.quantize
+    if quantize == "auto":
+        is_gguf = args.model is None or str(args.model).endswith(".gguf")
+        quantize = "int8" if is_gguf and args.dtype is None else "none"
+    elif quantize != "none" and args.dtype not in (None, "float32"):
+        raise UsageError(f"--quantize {quantize} and --dtype {args.dtype}: choose one")
+    return {"quantize": None if quantize == "none" else quantize, "dtype": args.dtype}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,11 +144,30 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", default=None, help="a system message, folded into the first user turn")
     c.add_argument("--stats", action="store_true", help="after each reply, one JSON line of counts and timing")
     c.set_defaults(run=chat_command)
+
+    p = sub.add_parser("perplexity", help="perplexity of a text, and (--compare-to) KL against other weights")
+    p.add_argument("file", nargs="?", default=None,
+                   help="a UTF-8 text file, or - for standard input (default: the Python Language Reference "
+                        "topics that ship with Python, pydoc_data.topics)")
+    add_model_flags(p)
+    p.add_argument("--context", type=whole_number, default=512, help="tokens per window, <bos> included "
+                   "(default: 512)")
+    p.add_argument("--stride", type=whole_number, default=None,
+                   help="tokens each window moves on by (default: half the context)")
+    p.add_argument("--max-tokens", type=whole_number, default=None,
+                   help="score only the first N tokens of the text (default: all)")
+    p.add_argument("--compare-to", default=None, choices=("none",) + QUANTIZE_CHOICES + DTYPE_CHOICES,
+                   help="also run the model with these weights (none = the float32 reference) and report mean "
+                        "KL divergence and top-1 agreement against them")
+    p.add_argument("--stats", action="store_true",
+                   help="print the results and timing as one JSON line, the last line of stderr")
+    p.set_defaults(run=perplexity_command)
     return parser
 
 
 def generate_command(args) -> int:
     from .generate import Stats, chat_prompt, generate
+    from .loading import load
 
     if args.system is not None and not args.chat:
         raise UsageError("--system needs --chat")
@@ -146,20 +179,81 @@ def generate_command(args) -> int:
     if args.chat:
         prompt = chat_prompt(prompt, system=as_text(args.system, "--system") if args.system else args.system)
 
+    options = model_options(args)
     start = time.perf_counter()
-    model = load_model(args)
+    model = load(args.model, **options)
     load_s = time.perf_counter() - start
     ids = model.tokenizer.encode(prompt, add_bos=True)
 
     stats = Stats()
+    first_token_s = None
     for chunk in generate(model, ids, sampling, stats):
+        if first_token_s is None:
+            first_token_s = time.perf_counter() - start
         sys.stdout.write(chunk)
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
     if args.stats:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-        report = {**stats.as_dict(), "load_s": round(load_s, 3), "peak_rss_mb": round(peak_mb, 1)}
+        report = {**stats.as_dict(), "load_s": round(load_s, 3),
+                  # from the start of loading to the first text shown: what a user waits for
+                  "time_to_first_token_s": None if first_token_s is None else round(first_token_s, 3),
+                  "weight_bytes": model.nbytes, "quantize": options["quantize"],
+                  "dtype": options["dtype"] or "float32", "peak_rss_mb": round(peak_mb, 1)}
+        print(json.dumps(report), file=sys.stderr)
+    return 0
+
+
+def perplexity_command(args) -> int:
+    from tqdm import tqdm
+
+    from .loading import load
+    from .perplexity import perplexity, reference_text
+
+    options = model_options(args)
+    compare = None
+    if args.compare_to is not None:
+        compare = ({"quantize": None, "dtype": None} if args.compare_to == "none" else
+                   {"quantize": args.compare_to, "dtype": None} if args.compare_to in QUANTIZE_CHOICES else
+                   {"quantize": None, "dtype": args.compare_to})
+    if args.file is None:
+        text, name = reference_text(), "pydoc_data.topics"
+    elif args.file == "-":
+        text, name = as_text(sys.stdin.buffer.read(), "standard input"), "<stdin>"
+    else:
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                text, name = f.read(), args.file
+        except UnicodeDecodeError as e:
+            raise InvalidArgument(f"{args.file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+    start = time.perf_counter()
+    model = load(args.model, **options)
+    reference = load(args.model, **compare) if compare is not None else None
+    load_s = time.perf_counter() - start
+    ids = model.tokenizer.encode(text, add_bos=False)[:args.max_tokens]
+    if not ids:
+        raise InvalidArgument(f"{name}: no text to score")
+
+    start = time.perf_counter()
+    with tqdm(total=len(ids), desc="scoring", unit="tok", disable=not sys.stderr.isatty(), leave=False) as bar:
+        result = perplexity(model, ids, context=args.context, stride=args.stride, reference=reference,
+                            progress=bar.update)
+    seconds = time.perf_counter() - start
+
+    line = f"{name}: {result.tokens} tokens, perplexity {result.perplexity:.4f}"
+    if reference is not None:
+        r = result.as_dict()
+        line += f"; against {args.compare_to}: mean KL {r['mean_kl']:.6f}, top-1 agreement {r['top1_agreement']:.2%}"
+    print(line)
+    if args.stats:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        report = {**result.as_dict(), "text": name, "context": args.context,
+                  "stride": args.stride or args.context // 2, "quantize": options["quantize"],
+                  "dtype": options["dtype"] or "float32", "compare_to": args.compare_to,
+                  "weight_bytes": model.nbytes, "load_s": round(load_s, 3), "score_s": round(seconds, 3),
+                  "peak_rss_mb": round(peak_mb, 1)}
         print(json.dumps(report), file=sys.stderr)
     return 0
 
@@ -245,11 +339,9 @@ def report_error(e: BaseException) -> tuple[str, int]:
     """The one line to print for an error that ended the command, and the exit code."""
     if isinstance(e, UsageError):
         return f"error: {e} (see --help)", 2
-    if isinstance(e, MinigemmaError):
-        return f"error: {e}", 1
     if isinstance(e, MemoryError):  # file headers are checked before allocating, so this is really memory
         return f"error: out of memory ({e or 'MemoryError'}); try a smaller model or a shorter prompt", 1
-    if isinstance(e, OSError):  # names the file: "[Errno 13] Permission denied: 'model.gguf'"
+    if isinstance(e, (ValueError, OSError)):  # MinigemmaError is a ValueError; OSError names the file
         return f"error: {e}", 1
     return f"error: unexpected {type(e).__name__}: {e} (run with --debug for the traceback)", 1
 

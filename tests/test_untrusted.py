@@ -112,7 +112,7 @@ def test_pickle_only_folder_is_refused_and_never_unpickled(tmp_path):
 
 
 def test_shard_index_may_not_point_outside_its_folder(tmp_path):
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3_text"}))
     (tmp_path / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"w": "../../etc/passwd.safetensors"}}))
     with pytest.raises(ModelFileError, match="expected a .safetensors file name in the same directory"):
