@@ -92,7 +92,10 @@ def generate_ids(model, prompt_ids, sampling: Sampling, stop_ids=(), stats: Stat
     fed, nor the last yielded id (its logits aren't needed), nor one the caller stopped at by not resuming.
     """
     stats = stats if stats is not None else Stats()
-    prompt_ids = [int(i) for i in prompt_ids]
+    try:
+        prompt_ids = [int(i) for i in prompt_ids]
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"prompt_ids must be a sequence of token ids (ints), got {prompt_ids!r:.60}") from None
     context = model.config.max_position_embeddings
     cache = model.new_cache() if cache is None else cache
     if not prompt_ids:

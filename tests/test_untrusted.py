@@ -326,6 +326,8 @@ def test_bad_api_arguments_are_invalid_arguments(real_model):
         tok.encode("a\udcff")
     with pytest.raises(InvalidArgument, match="token ids must be in"):
         real_model.forward([-1])
+    with pytest.raises(InvalidArgument, match="prompt_ids must be a sequence of token ids"):
+        next(generate_ids(real_model, "hello", Sampling()))
     with pytest.raises(InvalidArgument, match="quantize='int3'"):
         minigemma.load(quantize="int3")
 
