@@ -131,7 +131,16 @@ def reference_text() -> str:
     ship with CPython itself (`pydoc_data.topics`, what `help("if")` prints), about 460,000 characters of
     technical English with code. Every Python install has it, nothing is downloaded, and it is not a
     benchmark set a model may have been tuned on. (It changes a little between Python versions: say which
-    when you quote a number.)"""
+    when you quote a number.)
+
+    Its prose is hard-wrapped at 72 columns for a terminal; where a line breaks is typesetting that no model
+    can predict, so each prose paragraph is re-flowed into one line. Indented blocks (code, grammar rules,
+    tables) and headings keep their lines."""
     from pydoc_data.topics import topics
 
-    return "\n\n".join(topics[k] for k in sorted(topics))
+    def reflow(paragraph: str) -> str:
+        lines = paragraph.split("\n")
+        is_prose = len(lines) > 1 and not any(line.startswith(" ") or set(line) <= set("*=-") for line in lines)
+        return " ".join(line.strip() for line in lines) if is_prose else paragraph
+
+    return "\n\n".join("\n\n".join(reflow(p) for p in topics[k].strip().split("\n\n")) for k in sorted(topics))

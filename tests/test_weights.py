@@ -36,22 +36,61 @@ def matrix(rng, rows, cols, scale=1.0):
 
 # ---- formats, bit for bit -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind, qtype", [("int8", T.Q8_0), ("int4", T.Q4_1)])
-def test_quantizers_equal_llama_cpps(kind, qtype):
-    """int8 is Q8_0 and int4 is Q4_1: our quantizer writes the very bytes gguf's (= llama.cpp's reference)
-    quantizer writes, and rows() dequantizes them as gguf does, bit for bit."""
+def odd_matrix():
     x = matrix(np.random.default_rng(0), 7, 96)
     x[0, :32] = 0  # an all-zero group: scale 0, no division by zero
     x[1, 32:64] = 5.0  # a constant group: max == min for int4
-    ours = MAKE[kind](x)
-    raw = gguf_quants.quantize(x, qtype)
-    theirs = (Int8.from_q8_0 if kind == "int8" else Int4.from_q4_1)(raw, x.shape)
+    return x
+
+
+def test_int8_is_llama_cpps_q8_0():
+    """int8 is Q8_0: our quantizer writes the very bytes gguf's (= llama.cpp's reference) quantizer writes, and
+    rows() dequantizes them as gguf does, bit for bit."""
+    x = odd_matrix()
+    ours, raw = Int8.from_float(x), gguf_quants.quantize(x, T.Q8_0)
+    theirs = Int8.from_q8_0(raw, x.shape)
     for f in vars(ours):  # compared as bits (fp16 scales too: -0.0 and NaN would not slip through)
         a, b = np.ascontiguousarray(getattr(ours, f)), np.ascontiguousarray(getattr(theirs, f))
         assert a.dtype == b.dtype, f
         np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8), f)
-    np.testing.assert_array_equal(ours.rows(0, 7), gguf_quants.dequantize(raw, qtype))
-    np.testing.assert_array_equal(ours.rows(2, 5), gguf_quants.dequantize(raw, qtype)[2:5])
+    np.testing.assert_array_equal(ours.rows(0, 7), gguf_quants.dequantize(raw, T.Q8_0))
+    np.testing.assert_array_equal(ours.rows(2, 5), gguf_quants.dequantize(raw, T.Q8_0)[2:5])
+
+
+def as_q4_1_bytes(w: Int4) -> np.ndarray:
+    """Our int4 laid out as GGUF Q4_1 blocks: d, m (fp16), 16 bytes of nibbles."""
+    out, groups, _ = w.nibbles.shape
+    return np.concatenate([w.d[..., None].view(np.uint8), w.m[..., None].view(np.uint8), w.nibbles],
+                          axis=-1).reshape(out, groups * 20)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_int4_is_q4_1_with_least_squares_scales(seed):
+    """int4 is Q4_1's layout, read as gguf reads Q4_1, bit for bit; its quantizer picks d and m by least
+    squares, so no group has a larger squared error than under llama.cpp's reference Q4_1 quantizer."""
+    x = odd_matrix() * (seed + 1) if seed else odd_matrix()
+    if seed == 2:
+        x = np.abs(x) ** 2  # skewed groups, all >= 0
+    ours = Int4.from_float(x)
+    np.testing.assert_array_equal(ours.rows(0, 7), gguf_quants.dequantize(as_q4_1_bytes(ours), T.Q4_1))
+    np.testing.assert_array_equal(Int4.from_q4_1(as_q4_1_bytes(ours), x.shape).rows(0, 7), ours.rows(0, 7))
+    naive = gguf_quants.dequantize(gguf_quants.quantize(x, T.Q4_1), T.Q4_1)
+    group_sse = lambda y: ((y - x) ** 2).reshape(7, -1, 32).sum(-1)  # noqa: E731
+    assert (group_sse(ours.rows(0, 7)) <= group_sse(naive) * (1 + 1e-6) + 1e-12).all()
+    assert group_sse(ours.rows(0, 7)).sum() < group_sse(naive).sum()  # and better overall
+
+
+def test_int4_recovers_a_4_bit_grid():
+    """A group that already is d q + m (a Q4_K sub-block, say) using only levels 1..14 comes back exactly: the
+    least-squares fit finds the grid (13 steps across the span is one of its candidates), where spanning
+    max - min with 15 steps would not."""
+    rng = np.random.default_rng(5)
+    q = rng.integers(1, 15, size=(4, 64)).astype(np.float32)
+    q[:, ::32], q[:, 1::32] = 1, 14  # each group of 32 spans exactly 1..14
+    x = (q * np.float32(0.125) - np.float32(1.0)).astype(np.float32)  # d and m exact in fp16
+    np.testing.assert_array_equal(Int4.from_float(x).rows(0, 4), x)
+    naive = gguf_quants.dequantize(gguf_quants.quantize(x, T.Q4_1), T.Q4_1)
+    assert not np.array_equal(naive, x)
 
 
 def test_bfloat16_rounds_as_torch():
@@ -65,21 +104,18 @@ def test_bfloat16_rounds_as_torch():
 def worst_error(x: np.ndarray, kind: str) -> np.ndarray:
     """The largest |x - dequantize(quantize(x))| each format allows, per element (from its definition):
       bfloat16  8 significant bits, round to nearest:  |x| 2^-8      float16  11 bits: |x| 2^-11 (normal range)
-      int8      d = amax/127, q = round(x/d):          d/2           int4     d = (max-min)/15: d/2
-    plus the fp16 rounding of the stored d (and m): half an ulp, 2^-11 relative (2^-25 absolute once subnormal),
-    times up to 127 (int8) or 15 (int4) steps; and a few float32 roundings."""
+      int8      d = amax/127, q = round(x/d):          d/2
+    plus the fp16 rounding of the stored d: half an ulp, 2^-11 relative (2^-25 absolute once subnormal), times up
+    to 127 steps; and a few float32 roundings. (int4 picks d and m by least squares: its bound is a group's
+    squared error, in test_int4_is_q4_1_with_least_squares_scales and below.)"""
     if kind == "bfloat16":
         return np.abs(x) * 2.0**-8
     if kind == "float16":
         return np.abs(x) * 2.0**-11 + 2.0**-25  # plus half the smallest subnormal step
     g = x.reshape(x.shape[0], -1, 32)
     amax = np.abs(g).max(-1, keepdims=True)
-    if kind == "int8":
-        d, steps, m = amax / 127, 127, 0
-    else:
-        d, steps, m = (g.max(-1, keepdims=True) - g.min(-1, keepdims=True)) / 15, 15, g.min(-1, keepdims=True)
-    fp16 = lambda v: np.maximum(np.abs(v) * 2.0**-11, 2.0**-25)  # noqa: E731  half an fp16 ulp, subnormals too
-    bound = d / 2 + steps * fp16(d) + (fp16(m) if kind == "int4" else 0) + 8 * EPS32 * amax
+    d = amax / 127
+    bound = d / 2 + 127 * np.maximum(d * 2.0**-11, 2.0**-25) + 8 * EPS32 * amax
     return np.broadcast_to(bound, g.shape).reshape(x.shape)
 
 
@@ -90,7 +126,12 @@ def test_round_trip_error_is_within_the_format(kind, rows, groups, scale, seed):
     x = matrix(np.random.default_rng(seed), rows, 32 * groups, scale)
     back = dequantize(MAKE[kind](x))
     assert back.shape == x.shape and back.dtype == np.float32
-    assert (np.abs(back - x) <= worst_error(x, kind)).all()
+    if kind == "int4":  # no worse, group by group, than llama.cpp's reference Q4_1 (the span of the group)
+        naive = gguf_quants.dequantize(gguf_quants.quantize(x, T.Q4_1), T.Q4_1)
+        sse = lambda y: ((y - x) ** 2).reshape(rows, groups, 32).sum(-1)  # noqa: E731
+        assert (sse(back) <= sse(naive) * (1 + 1e-6) + 1e-30).all()
+    else:
+        assert (np.abs(back - x) <= worst_error(x, kind)).all()
 
 
 @pytest.mark.parametrize("kind", list(MAKE))
