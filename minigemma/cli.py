@@ -1,4 +1,4 @@
-"""`python -m minigemma generate PROMPT` (also installed as `minigemma`).
+"""`python -m minigemma generate PROMPT` (also installed as `minigemma`), and `python -m minigemma compare`.
 
 Text streams to stdout; progress and diagnostics go to stderr. Errors are one line on stderr: exit code 2
 for a bad command line, 1 for anything that fails after that (a missing file, a prompt too long, ...).
@@ -54,7 +54,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight quantization (default: none)")
     g.add_argument("--stats", action="store_true",
                    help="print timing and memory as one JSON line, the last line of stderr")
+    cmp = sub.add_parser("compare", help="compare every layer with transformers (needs transformers and torch)")
+    cmp.add_argument("--model", default=None,
+                     help="HF directory, Gemma 2/3 .gguf file or HF repo id (default: the built-in Gemma 3 270M)")
+    cmp.add_argument("--prompt", default=DEFAULT_COMPARE_PROMPT,
+                     help="the text both run on (default: a short sentence; see compare.py on long prompts)")
     return parser
+
+
+# Short on purpose: float32 noise grows with prompt length (compare.py, noise_threshold)
+DEFAULT_COMPARE_PROMPT = "The capital of France is Paris. The capital of Germany is"
+
+
+def compare_command(args) -> int:
+    """Exit 0 when every step is within float32 noise, 1 when one departs (or anything fails)."""
+    from .compare import compare, load_transformers_model, require_transformers
+    from .loading import load
+
+    require_transformers()
+    model = load(args.model)
+    ids = model.tokenizer.encode(args.prompt, add_bos=True)
+    report = compare(model, load_transformers_model(model), ids)
+    print(f"{model.source}: {len(ids)} tokens")
+    print(report.format(lambda i: model.tokenizer.decode([i])))
+    return 0 if report.first_departure is None else 1
 
 
 def generate_command(args) -> int:
@@ -96,7 +119,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits with code 2 and a usage line on bad flags
     try:
-        return generate_command(args)
+        return {"generate": generate_command, "compare": compare_command}[args.command](args)
     except UsageError as e:
         parser.error(str(e))  # exit 2
     except BrokenPipeError:  # the reader went away (e.g. piped into `head`): not an error of ours
