@@ -8,6 +8,7 @@ untouched, is the reference. docs/gotchas.md links here.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -16,7 +17,11 @@ import pytest
 import minigemma
 from minigemma import layers
 from minigemma.compare import compare
-from conftest import make_hf_model, save
+from minigemma.config import FULL, SLIDING
+from minigemma.model import Gemma
+from minigemma.recording import record_forward
+from conftest import TINY, make_hf_model, save
+from test_models import _overriding
 
 SEQ = 12
 
@@ -119,6 +124,61 @@ def test_compare_names_where_an_injected_bug_starts(pair, bug, monkeypatch):
     assert all(d.rel_diff < report.threshold / 10 for d in before)  # measured <= 3.3e-7
     text = report.format()
     assert f"first departure from float32 noise: {first.where()}" in text
+
+
+# Mistakes in reading the config or the weights rather than in the code: the same model with one thing changed.
+def _with_config(**changes):
+    return lambda m: Gemma(dataclasses.replace(m.config, **changes), m.params)
+
+
+def _one_rope_base(m):  # Gemma 3 sliding layers use base 1e4, global ones 1e6: a port that uses one for both
+    c = m.config
+    return Gemma(dataclasses.replace(c, rope={**c.rope, SLIDING: c.rope[FULL]}), m.params)
+
+
+def _without_qk_norm(m):
+    return Gemma(_overriding(m.config, qk_norm=False), m.params)
+
+
+def _norm_plus_one_twice(m):  # llama.cpp's GGUF converter stores 1 + w: adding 1 again when loading a GGUF
+    norms = ("input_norm", "post_attn_norm", "pre_mlp_norm", "post_mlp_norm", "q_norm", "k_norm")
+    layers_ = [dataclasses.replace(p, **{n: getattr(p, n) + 1 for n in norms if getattr(p, n, None) is not None})
+               for p in m.params.layers]
+    return Gemma(m.config, dataclasses.replace(m.params, layers=layers_, final_norm=m.params.final_norm + 1))
+
+
+# mistake -> (model, how to make it, where compare must see it start)
+MISTAKES = {
+    "query scale from head_dim": ("gemma2", _with_config(query_pre_attn_scalar=TINY["head_dim"]), (0, "probs")),
+    "no attention soft-cap": ("gemma2", _with_config(attn_logit_softcapping=None), (0, "probs")),
+    "no final soft-cap": ("gemma2", _with_config(final_logit_softcapping=None), (None, "logits")),
+    "no sliding window": ("gemma2", _with_config(sliding_window=None), (0, "probs")),
+    "one RoPE base for both layer types": ("gemma3", _one_rope_base, (0, "q")),
+    "no QK-norm": ("gemma3", _without_qk_norm, (0, "q")),
+    "GGUF norm +1 applied twice": ("gemma3", _norm_plus_one_twice, (0, "attn_norm")),
+}
+
+
+@pytest.mark.parametrize("mistake", list(MISTAKES))
+def test_compare_names_where_a_config_or_weight_mistake_starts(pair, mistake):
+    name, make, (layer, step) = MISTAKES[mistake]
+    ours, hf, ids = pair(name)
+    report = compare(make(ours), hf, ids)
+    first = report.first_departure
+    assert first is not None and (first.layer, first.step) == (layer, step), report.format()
+    assert first.rel_diff > 3 * report.threshold  # threshold 3e-5; measured >= 0.1
+
+
+@pytest.mark.slow
+def test_residual_stream_of_the_builtin_model_overflows_float16(real_model):
+    """Why Gemma 2/3 break in float16 (vllm-project/vllm#6177, huggingface/transformers#36822): the residual
+    stream grows past float16's largest value, 65504, even on a one-word prompt. minigemma computes in float32."""
+    with record_forward() as rec:
+        real_model.forward(real_model.tokenizer.encode("Hello"))
+    stream = rec.residual_stream()  # (L + 1, T, D)
+    assert np.abs(stream).max() > np.finfo(np.float16).max  # measured ~1.0e5
+    with np.errstate(over="ignore"):
+        assert np.isinf(stream.astype(np.float16)).any()
 
 
 @pytest.mark.slow
