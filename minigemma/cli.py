@@ -73,8 +73,9 @@ def compare_command(args) -> int:
 
     require_transformers()
     model = load(args.model)
+    hf_model = load_transformers_model(model)
     ids = model.tokenizer.encode(args.prompt, add_bos=True)
-    report = compare(model, load_transformers_model(model), ids)
+    report = compare(model, hf_model, ids)
     print(f"{model.source}: {len(ids)} tokens")
     print(report.format(lambda i: model.tokenizer.decode([i])))
     return 0 if report.first_departure is None else 1

@@ -27,7 +27,7 @@ from .recording import logit_lens, record_forward
 # 3.1e-5 at 256, 7.9e-5 at 512 (prose), i.e. about eps32 * T. The growth is RoPE's: the angle pos * theta_i is
 # rounded to float32, an error of ~pos * eps32 radians, and q and k inherit it. The floor of 32 covers the
 # rounding accumulated over the layers on short prompts. The factor 8 leaves room on both sides: on the
-# default 19-token prompt the threshold is 3e-5 against 3e-6 measured, while the subtlest bug in
+# default 13-token prompt the threshold is 3e-5 against 3e-6 measured, while the subtlest bug in
 # tests/test_compare.py, exact instead of tanh GELU, shows as 8.5e-5 in layer 0's MLP output of the built-in
 # model (1.3e-4 on the tiny test model); the other bugs are 1e-2 or more.
 # Long repetitive prompts are ill-conditioned: on a 512-token counting prompt plain rounding reaches 1.2e-3

@@ -203,3 +203,12 @@ def test_cli_without_transformers_says_so(monkeypatch, capsys, tmp_path):
     assert main(["compare", "--model", str(tmp_path)]) == 1  # said before looking at the model
     err = capsys.readouterr().err.strip()
     assert err.startswith("minigemma: error:") and "transformers" in err and "\n" not in err
+
+
+def test_gemma1_gguf_is_refused_with_the_reason(tmp_path):
+    from gguf_convert import convert
+    from minigemma.compare import load_transformers_model
+
+    path = convert(make_hf_model("gemma", num_key_value_heads=1, vocab_size=300), tmp_path / "gemma1.gguf")
+    with pytest.raises(ValueError, match="transformers cannot load Gemma 1 GGUF"):
+        load_transformers_model(minigemma.load(path, progress=False))
