@@ -24,15 +24,16 @@ from .recording import logit_lens, record_forward
 # Two correct float32 implementations differ by rounding in a different order. Measured on the built-in model
 # (Gemma 3 270M, 18 layers; largest difference over every step of every layer, English prose and a counting
 # prompt): ~3e-6 up to 32 tokens, then growing with the prompt: 7.5e-6 at 64 tokens, 1.5e-5 at 128,
-# 3.1e-5 at 256, 7.9e-5 at 512 (prose), i.e. about eps32 * T. The growth is RoPE's: the angle pos * theta_i is
-# rounded to float32, an error of ~pos * eps32 radians, and q and k inherit it. The floor of 32 covers the
+# 3.1e-5 at 256, 7.9e-5 at 512 (prose), i.e. about eps32 * T, largest in layer 0's q from 64 tokens on. The
+# growth is RoPE's: each side's angle pos * theta_i carries a float32 rounding error of up to ~pos * eps32
+# radians, and q and k inherit it. The floor of 32 covers the
 # rounding accumulated over the layers on short prompts. The factor 8 leaves room on both sides: on the
 # default 13-token prompt the threshold is 3e-5 against 3e-6 measured, while the subtlest bug in
 # tests/test_compare.py, exact instead of tanh GELU, shows as 8.5e-5 in layer 0's MLP output of the built-in
 # model (1.3e-4 on the tiny test model); the other bugs are 1e-2 or more.
 # Long repetitive prompts are ill-conditioned: on a 512-token counting prompt plain rounding reaches 1.2e-3
-# (layer 8's MLP output), and there both implementations' float32 logits are ~5e-4 off a float64 run
-# (tests/test_real_model.py). Compare on short prompts, where a bug stands out.
+# (layer 8's MLP output); on a similar prompt transformers' float32 logits are 5e-4 off a float64 run and
+# ours 9e-4 (tests/test_real_model.py). Compare on short prompts, where a bug stands out.
 EPS32 = float(np.finfo(np.float32).eps)
 
 
@@ -69,12 +70,17 @@ class Report:
     differences: list[Difference]  # every step compared, in the order the model runs them
     threshold: float
     num_layers: int
-    lens: list[tuple[int, int]] = field(default_factory=list)  # per residual stream: (our top-1, theirs) at the last position
+    # the logit lens at the last position, per residual stream (embedding, then each layer's output):
+    # (our top-1 token, transformers' top-1 token), both read with our final norm and head
+    lens: list[tuple[int, int]] = field(default_factory=list)
+
+    def departs(self, d: Difference) -> bool:
+        return not d.rel_diff <= self.threshold  # written so that NaN departs too
 
     @property
     def first_departure(self) -> Difference | None:
         """The first step (in running order) whose difference exceeds the threshold, or None."""
-        return next((d for d in self.differences if not d.rel_diff <= self.threshold), None)
+        return next((d for d in self.differences if self.departs(d)), None)
 
     def difference(self, layer: int | None, step: str) -> Difference:
         return next(d for d in self.differences if d.layer == layer and d.step == step)
@@ -84,8 +90,9 @@ class Report:
         the next token at the last position (`decode` turns a token id into text)."""
         decode = decode or str
         steps = [s for s in LAYER_STEPS if any(d.step == s for d in self.differences)]
-        flag = lambda d: "!" if not d.rel_diff <= self.threshold else " "  # noqa: E731
-        cell = lambda d: f"{d.rel_diff:8.1e}{flag(d)}"  # noqa: E731
+
+        def cell(d):
+            return f"{d.rel_diff:8.1e}" + ("!" if self.departs(d) else " ")
 
         def lens(i):
             if i >= len(self.lens):
@@ -102,8 +109,8 @@ class Report:
                      + " " * sum(width[s] for s in steps[1:]) + f"  {lens(0)}")
         for layer in range(self.num_layers):
             row = {d.step: d for d in self.differences if d.layer == layer}
-            lines.append(f"{layer:>5}  " + "".join(f"{cell(row[s]) if s in row else '':>{width[s]}}" for s in steps)
-                         + f"  {lens(layer + 1)}")
+            cells = "".join(f"{cell(row[s]) if s in row else '':>{width[s]}}" for s in steps)
+            lines.append(f"{layer:>5}  {cells}  {lens(layer + 1)}")
         for step in MODEL_STEPS_AFTER:
             lines.append(f"{step:>10}: {cell(self.difference(None, step))}")
         lines.append("")
