@@ -34,7 +34,7 @@ MODELS = {  # name -> (model_type, overrides)
 
 
 @pytest.fixture(scope="module")
-def pair(request, tmp_path_factory):
+def pair(tmp_path_factory):
     """(minigemma model, transformers model, token ids) for one of MODELS, built once per module."""
     cache = {}
 
