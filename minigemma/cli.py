@@ -1,4 +1,4 @@
-"""`python -m minigemma generate PROMPT` (also installed as `minigemma`), and `python -m minigemma compare`.
+"""`python -m minigemma generate PROMPT`, `perplexity FILE` and `compare` (also installed as `minigemma`).
 
 Text streams to stdout; progress and diagnostics go to stderr. Errors are one line on stderr: exit code 2
 for a bad command line, 1 for anything that fails after that (a missing file, a prompt too long, ...).
@@ -13,7 +13,7 @@ import resource
 import sys
 import time
 
-from .loading import QUANTIZE_CHOICES
+from .weights import DTYPE_CHOICES, QUANTIZE_CHOICES
 
 
 class UsageError(Exception):
@@ -31,13 +31,34 @@ def whole_number(text: str) -> int:
     return value
 
 
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """--model, --quantize, --dtype: which weights, stored how (shared by every command that loads a model)."""
+    p.add_argument("--model", default=None,
+                   help="HF directory, .gguf file or HF repo id (default: the built-in Gemma 3 270M)")
+    p.add_argument("--quantize", default="auto", choices=("auto", "none") + QUANTIZE_CHOICES,
+                   help="store the weight matrices as int8 or int4; auto (default): int8 for a .gguf file "
+                        "(already quantized, and 3x less memory than float32), none for a directory")
+    p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
+                   help="store the weight matrices in 16 bits (or float32), instead of --quantize")
+
+
+def model_options(args) -> dict:
+    """load() keywords from the model flags. auto: int8 for GGUF files, unless --dtype is given."""
+    quantize = args.quantize
+    if quantize == "auto":
+        is_gguf = args.model is None or str(args.model).endswith(".gguf")
+        quantize = "int8" if is_gguf and args.dtype is None else "none"
+    elif quantize != "none" and args.dtype not in (None, "float32"):
+        raise UsageError(f"--quantize {quantize} and --dtype {args.dtype}: choose one")
+    return {"quantize": None if quantize == "none" else quantize, "dtype": args.dtype}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minigemma", description="A readable NumPy Gemma.")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="continue a prompt (or answer it, with --chat)")
     g.add_argument("prompt", help="the prompt text, or - to read it from standard input")
-    g.add_argument("--model", default=None,
-                   help="HF directory, .gguf file or HF repo id (default: the built-in Gemma 3 270M)")
+    add_model_flags(g)
     g.add_argument("--max-new-tokens", type=whole_number, default=64, help="default: 64")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-k", type=whole_number, default=0, help="0 = off (default)")
@@ -50,10 +71,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in Gemma's chat format")
     g.add_argument("--system", default=None, help="with --chat: a system message, folded into the user turn")
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence/end-of-turn")
-    g.add_argument("--quantize", default="none", choices=[q for q in QUANTIZE_CHOICES if q],
-                   help="weight quantization (default: none)")
     g.add_argument("--stats", action="store_true",
                    help="print timing and memory as one JSON line, the last line of stderr")
+
+    p = sub.add_parser("perplexity", help="perplexity of a text, and (--compare-to) KL against other weights")
+    p.add_argument("file", nargs="?", default=None,
+                   help="a UTF-8 text file, or - for standard input (default: the Python Language Reference "
+                        "topics that ship with Python, pydoc_data.topics)")
+    add_model_flags(p)
+    p.add_argument("--context", type=whole_number, default=512, help="tokens per window, <bos> included "
+                   "(default: 512)")
+    p.add_argument("--stride", type=whole_number, default=None,
+                   help="tokens each window moves on by (default: half the context)")
+    p.add_argument("--max-tokens", type=whole_number, default=None,
+                   help="score only the first N tokens of the text (default: all)")
+    p.add_argument("--compare-to", default=None, choices=("none",) + QUANTIZE_CHOICES + DTYPE_CHOICES,
+                   help="also run the model with these weights (none = the float32 reference) and report mean "
+                        "KL divergence and top-1 agreement against them")
+    p.add_argument("--stats", action="store_true",
+                   help="print the results and timing as one JSON line, the last line of stderr")
+
     cmp = sub.add_parser("compare", help="compare every layer with transformers (needs transformers and torch)")
     cmp.add_argument("--model", default=None,
                      help="HF directory, Gemma 2/3 .gguf file or HF repo id (default: the built-in Gemma 3 270M)")
@@ -98,20 +135,81 @@ def generate_command(args) -> int:
     if args.chat:
         prompt = chat_prompt(prompt, system=args.system)
 
+    options = model_options(args)
     start = time.perf_counter()
-    model = load(args.model, quantize=None if args.quantize == "none" else args.quantize)
+    model = load(args.model, **options)
     load_s = time.perf_counter() - start
     ids = model.tokenizer.encode(prompt, add_bos=True)
 
     stats = Stats()
+    first_token_s = None
     for chunk in generate(model, ids, sampling, stats):
+        if first_token_s is None:
+            first_token_s = time.perf_counter() - start
         sys.stdout.write(chunk)
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
     if args.stats:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-        report = {**stats.as_dict(), "load_s": round(load_s, 3), "peak_rss_mb": round(peak_mb, 1)}
+        report = {**stats.as_dict(), "load_s": round(load_s, 3),
+                  # from the start of loading to the first text shown: what a user waits for
+                  "time_to_first_token_s": None if first_token_s is None else round(first_token_s, 3),
+                  "weight_bytes": model.nbytes, "quantize": options["quantize"],
+                  "dtype": options["dtype"] or "float32", "peak_rss_mb": round(peak_mb, 1)}
+        print(json.dumps(report), file=sys.stderr)
+    return 0
+
+
+def perplexity_command(args) -> int:
+    from tqdm import tqdm
+
+    from .loading import load
+    from .perplexity import perplexity, reference_text
+
+    options = model_options(args)
+    compare = None
+    if args.compare_to is not None:
+        compare = ({"quantize": None, "dtype": None} if args.compare_to == "none" else
+                   {"quantize": args.compare_to, "dtype": None} if args.compare_to in QUANTIZE_CHOICES else
+                   {"quantize": None, "dtype": args.compare_to})
+    if args.file is None:
+        text, name = reference_text(), "pydoc_data.topics"
+    elif args.file == "-":
+        text, name = sys.stdin.read(), "<stdin>"
+    else:
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                text, name = f.read(), args.file
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{args.file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+    start = time.perf_counter()
+    model = load(args.model, **options)
+    reference = load(args.model, **compare) if compare is not None else None
+    load_s = time.perf_counter() - start
+    ids = model.tokenizer.encode(text, add_bos=False)[:args.max_tokens]
+    if not ids:
+        raise ValueError(f"{name}: no text to score")
+
+    start = time.perf_counter()
+    with tqdm(total=len(ids), desc="scoring", unit="tok", disable=not sys.stderr.isatty(), leave=False) as bar:
+        result = perplexity(model, ids, context=args.context, stride=args.stride, reference=reference,
+                            progress=bar.update)
+    seconds = time.perf_counter() - start
+
+    line = f"{name}: {result.tokens} tokens, perplexity {result.perplexity:.4f}"
+    if reference is not None:
+        r = result.as_dict()
+        line += f"; against {args.compare_to}: mean KL {r['mean_kl']:.6f}, top-1 agreement {r['top1_agreement']:.2%}"
+    print(line)
+    if args.stats:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        report = {**result.as_dict(), "text": name, "context": args.context,
+                  "stride": args.stride or args.context // 2, "quantize": options["quantize"],
+                  "dtype": options["dtype"] or "float32", "compare_to": args.compare_to,
+                  "weight_bytes": model.nbytes, "load_s": round(load_s, 3), "score_s": round(seconds, 3),
+                  "peak_rss_mb": round(peak_mb, 1)}
         print(json.dumps(report), file=sys.stderr)
     return 0
 
@@ -120,7 +218,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits with code 2 and a usage line on bad flags
     try:
-        return {"generate": generate_command, "compare": compare_command}[args.command](args)
+        commands = {"generate": generate_command, "perplexity": perplexity_command, "compare": compare_command}
+        return commands[args.command](args)
     except UsageError as e:
         parser.error(str(e))  # exit 2
     except BrokenPipeError:  # the reader went away (e.g. piped into `head`): not an error of ours

@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from .config import GemmaConfig
 from .params import Params, build_params
-from .quants import dequantize
+from .quants import SUPPORTED_TYPES, dequantize
+from .weights import Float16Bits, Int4, Int8, StoredTensor
 
 ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 
@@ -124,21 +125,49 @@ def config_from_gguf(reader, path: Path) -> GemmaConfig:
         raise ValueError(f"{path}: {e}") from None
 
 
-def load_gguf_params(reader, config: GemmaConfig, path: Path, progress: bool = True) -> Params:
-    """Dequantize every tensor named in params.LAYER_TENSORS to float32 and undo the norm +1."""
-    bar = tqdm(total=len(reader.tensors), desc=f"loading {path.name}", unit="tensor", disable=not progress,
-               leave=False)
+class GGUFTensor(StoredTensor):
+    """One tensor of a GGUF file, read on demand (weights.StoredTensor).
 
-    def read(t) -> np.ndarray:
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF dims are fastest-first
-        array = dequantize(t.data, int(t.tensor_type), shape)
-        if t.name.endswith("norm.weight"):
+    Its bytes are a view of the memory-mapped file, one row of blocks per matrix row, so a block of rows is
+    a slice. Every "*norm.weight" holds 1 + w (llama.cpp's converter): read() subtracts the 1 again."""
+
+    def __init__(self, t):
+        self.t, self.type = t, SUPPORTED_TYPES.get(int(t.tensor_type), str(int(t.tensor_type)))
+        self.shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF dims are fastest-first
+
+    def read(self) -> np.ndarray:
+        array = dequantize(self.t.data, self.t.tensor_type, self.shape)
+        if self.t.name.endswith("norm.weight"):
             array = array - np.float32(1.0)  # the converter stored 1 + w; rms_norm adds the 1 itself
-        bar.update()
         return array
 
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        return dequantize(self.t.data[start:stop], self.t.tensor_type, (stop - start,) + self.shape[1:])
+
+    def stored(self, kind: str):
+        # Q8_0 *is* our int8 and Q4_1 our int4, byte for byte: used in place, with no copy and no requantizing
+        if (kind, self.type) == ("int8", "Q8_0"):
+            return Int8.from_q8_0(self.t.data, self.shape)
+        if (kind, self.type) == ("int4", "Q4_1"):
+            return Int4.from_q4_1(self.t.data, self.shape)
+        if (kind, self.type) == ("float16", "F16"):
+            return Float16Bits(self.t.data, "float16")
+        if (kind, self.type) == ("bfloat16", "BF16"):
+            return Float16Bits(self.t.data.view(np.uint16), "bfloat16")
+        return None
+
+
+def load_gguf_params(reader, config: GemmaConfig, path: Path, progress: bool = True, quantize: str | None = None,
+                     dtype: str | None = None) -> Params:
+    """Read every tensor named in params.LAYER_TENSORS into its storage (float32 by default), one at a time.
+
+    Tensors of another type than the chosen one (Q4_K, Q5_0, Q6_K, ...) are dequantized a block of rows at a
+    time and requantized; with no `quantize` nor `dtype` each is dequantized to float32, the reference."""
+    bar = tqdm(total=len(reader.tensors), desc=f"loading {path.name}", unit="tensor", disable=not progress,
+               leave=False)
     try:
         # an "output.weight" would be an untied head: Gemma ties it and llama.cpp's converter skips it
-        return build_params(config, {t.name: (lambda t=t: read(t)) for t in reader.tensors}, "gguf", str(path))
+        return build_params(config, {t.name: GGUFTensor(t) for t in reader.tensors}, "gguf", str(path),
+                            quantize=quantize, dtype=dtype, done=bar.update)
     finally:
         bar.close()

@@ -3,7 +3,8 @@
 A safetensors file is an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
 data_offsets}}, then raw little-endian tensor bytes. We memory-map the file and view each tensor in place, so
 float32 weights are never copied (the OS pages them in on use). float16 and bfloat16 are widened to float32
-once; NumPy has no bfloat16, so those come from the raw bits (a bfloat16 is the top half of a float32).
+(NumPy has no bfloat16, so those come from the raw bits: a bfloat16 is the top half of a float32), or kept as
+they are with `dtype="bfloat16"`/`"float16"`, or quantized a block of rows at a time (weights.to_weight).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 from .config import GemmaConfig
 from .params import Params, build_params
 from .quants import bf16_to_f32
+from .weights import Float16Bits, StoredTensor
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # BF16: raw bits, widened below
 
@@ -47,16 +49,42 @@ class SafetensorsFile:
     def names(self):
         return self.header.keys()
 
-    def get(self, name: str) -> np.ndarray:
-        """The tensor as float32 (a view of the file for F32, a new array for F16/BF16)."""
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor as stored, viewed in place: float32, float16, or uint16 bfloat16 bit patterns."""
         info = self.header[name]
         if info["dtype"] not in _DTYPES:
             raise ValueError(f"{self.path}: tensor {name} has dtype {info['dtype']}, expected F32, F16 or BF16")
         start, end = (self.data_start + o for o in info["data_offsets"])
-        array = self.mmap[start:end].view(_DTYPES[info["dtype"]]).reshape(info["shape"])  # bytes -> e.g. (out, in)
-        if info["dtype"] == "BF16":
-            return bf16_to_f32(array)
-        return array.astype(np.float32, copy=False)
+        return self.mmap[start:end].view(_DTYPES[info["dtype"]]).reshape(info["shape"])  # bytes -> e.g. (out, in)
+
+    def get(self, name: str) -> np.ndarray:
+        """The tensor as float32 (a view of the file for F32, a new array for F16/BF16)."""
+        return _widen(self.raw(name), self.header[name]["dtype"])
+
+
+def _widen(array: np.ndarray, dtype: str) -> np.ndarray:
+    return bf16_to_f32(array) if dtype == "BF16" else array.astype(np.float32, copy=False)
+
+
+class SafetensorsTensor(StoredTensor):
+    """One tensor of a safetensors file, read on demand (weights.StoredTensor)."""
+
+    def __init__(self, file: SafetensorsFile, name: str):
+        self.file, self.name = file, name
+        self.dtype = file.header[name]["dtype"]
+        self.shape = tuple(file.header[name]["shape"])
+
+    def read(self) -> np.ndarray:
+        return self.file.get(self.name)
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        return _widen(self.file.raw(self.name)[start:stop], self.dtype)
+
+    def stored(self, kind: str):
+        # 16-bit tensors are used as they are, viewed in the memory-mapped file
+        if (kind, self.dtype) in (("bfloat16", "BF16"), ("float16", "F16")):
+            return Float16Bits(self.file.raw(self.name), kind)
+        return None
 
 
 def text_model_name(name: str) -> str | None:
@@ -77,7 +105,8 @@ def text_model_name(name: str) -> str | None:
     return name
 
 
-def load_hf_params(directory: Path, config: GemmaConfig) -> Params:
+def load_hf_params(directory: Path, config: GemmaConfig, quantize: str | None = None,
+                   dtype: str | None = None) -> Params:
     """Read every tensor named in params.LAYER_TENSORS from the directory's safetensors file(s)."""
     index = directory / "model.safetensors.index.json"
     if index.exists():
@@ -93,6 +122,7 @@ def load_hf_params(directory: Path, config: GemmaConfig) -> Params:
         for name in file.names():
             mapped = text_model_name(name)
             if mapped is not None:
-                tensors[mapped] = lambda file=file, name=name: file.get(name)
+                tensors[mapped] = SafetensorsTensor(file, name)
     # the head is tied to the embedding; a checkpoint may still store a copy of it, which we don't need
-    return build_params(config, tensors, "hf", str(directory), ignore={"lm_head.weight"})
+    return build_params(config, tensors, "hf", str(directory), ignore={"lm_head.weight"}, quantize=quantize,
+                        dtype=dtype)

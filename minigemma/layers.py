@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernels import linear
+from . import kernels
 
 f32 = np.float32
 
@@ -21,9 +21,11 @@ def embed(token_ids: np.ndarray, table: np.ndarray, scale: float) -> np.ndarray:
     transformers casts the scale to the weight dtype before multiplying, so in bf16 sqrt(3072) becomes 55.5
     (huggingface/transformers#29402); in float32, as here, it is the float32 square root.
 
+    The table may be stored in any weight type (kernels.embedding_rows reads the rows as float32).
+
     Shapes: (T,) int, (V, D) -> (T, D)
     """
-    return table[token_ids].astype(f32) * f32(scale)
+    return kernels.embedding_rows(table, token_ids) * f32(scale)
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -155,4 +157,4 @@ def mlp(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> np
 
     Shapes: (T, D), gate/up (F, D), down (D, F) -> (T, D)
     """
-    return linear(gelu_tanh(linear(x, gate)) * linear(x, up), down)  # (T, F) -> (T, D)
+    return kernels.linear(gelu_tanh(kernels.linear(x, gate)) * kernels.linear(x, up), down)  # (T, F) -> (T, D)

@@ -16,8 +16,7 @@ from pathlib import Path
 
 from .config import GemmaConfig
 from .model import Gemma
-
-QUANTIZE_CHOICES = (None, "none")
+from .weights import DTYPE_CHOICES, QUANTIZE_CHOICES
 
 
 def default_model_path() -> Path:
@@ -66,11 +65,22 @@ def resolve_repo_id(repo_id: str) -> Path:
                      f"Gemma license on its page) or pass a local directory or .gguf file")
 
 
-def load(source: str | os.PathLike | None = None, *, quantize: str | None = None,
+def load(source: str | os.PathLike | None = None, *, quantize: str | None = None, dtype: str | None = None,
          progress: bool | None = None) -> Gemma:
-    """Load a Gemma model from a directory, a .gguf file, an HF repo id, or (None) the built-in model."""
-    if quantize not in QUANTIZE_CHOICES:
-        raise ValueError(f"quantize={quantize!r}: expected one of {', '.join(map(str, QUANTIZE_CHOICES))}")
+    """Load a Gemma model from a directory, a .gguf file, an HF repo id, or (None) the built-in model.
+
+    By default every weight is float32: the reference. `quantize="int8"` or `"int4"` stores the matrices
+    quantized, `dtype="bfloat16"` or `"float16"` stores them in 16 bits (weights.py); either way each tensor
+    is converted as it is read, so memory stays near the final size, and norms stay float32. Computation is
+    float32 whatever the storage.
+    """
+    if quantize not in (None,) + QUANTIZE_CHOICES:
+        raise ValueError(f"quantize={quantize!r}: expected None or one of {', '.join(QUANTIZE_CHOICES)}")
+    if dtype not in (None,) + DTYPE_CHOICES:
+        raise ValueError(f"dtype={dtype!r}: expected None or one of {', '.join(DTYPE_CHOICES)}")
+    if quantize is not None and dtype not in (None, "float32"):
+        raise ValueError(f"quantize={quantize!r} and dtype={dtype!r}: choose one (both set how matrices are "
+                         "stored)")
     if progress is None:
         progress = sys.stderr.isatty()
 
@@ -83,17 +93,17 @@ def load(source: str | os.PathLike | None = None, *, quantize: str | None = None
             raise ValueError(f"{source}: no such file or directory")
 
     if path.is_dir():
-        return _load_hf_dir(path)
-    return _load_gguf(path, progress)
+        return _load_hf_dir(path, quantize, dtype)
+    return _load_gguf(path, progress, quantize, dtype)
 
 
-def _load_hf_dir(path: Path) -> Gemma:
+def _load_hf_dir(path: Path, quantize: str | None, dtype: str | None) -> Gemma:
     from .hf import load_hf_params
 
     if not (path / "config.json").exists():
         raise ValueError(f"{path}: not a Hugging Face model directory (no config.json)")
     config = GemmaConfig.from_json(path / "config.json")
-    params = load_hf_params(path, config)
+    params = load_hf_params(path, config, quantize=quantize, dtype=dtype)
     tokenizer = None
     if (path / "tokenizer.model").exists():
         from .tokenizer import Tokenizer
@@ -105,13 +115,13 @@ def _load_hf_dir(path: Path) -> Gemma:
     return Gemma(config, params, tokenizer, source=str(path))
 
 
-def _load_gguf(path: Path, progress: bool) -> Gemma:
+def _load_gguf(path: Path, progress: bool, quantize: str | None, dtype: str | None) -> Gemma:
     from .gguf_file import config_from_gguf, load_gguf_params, open_gguf
     from .tokenizer import Tokenizer
 
     reader = open_gguf(path)
     config = config_from_gguf(reader, path)
-    params = load_gguf_params(reader, config, path, progress=progress)
+    params = load_gguf_params(reader, config, path, progress=progress, quantize=quantize, dtype=dtype)
     tokenizer = None
     if "tokenizer.ggml.tokens" in reader.fields:
         try:

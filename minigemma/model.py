@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 
 from .config import GemmaConfig
-from .kernels import linear
+from . import kernels
 from .kvcache import KVCache
 from .layers import apply_rope, attention, attention_mask, embed, mlp, rms_norm, rope_angles, softcap
-from .params import LayerParams, Params
+from .params import LayerParams, Params, params_nbytes
 from .recording import record
 
 
@@ -23,9 +23,9 @@ def self_attention(x, p: LayerParams, c: GemmaConfig, layer: int, rope, position
     Shapes: (T, D) -> (T, D)
     """
     T, H, K, Dh = x.shape[0], c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    q = linear(x, p.q_proj).reshape(T, H, Dh).transpose(1, 0, 2)  # (T, H*Dh) -> (H, T, Dh)
-    k = linear(x, p.k_proj).reshape(T, K, Dh).transpose(1, 0, 2)  # (T, K*Dh) -> (K, T, Dh)
-    v = linear(x, p.v_proj).reshape(T, K, Dh).transpose(1, 0, 2)  # (T, K*Dh) -> (K, T, Dh)
+    q = kernels.linear(x, p.q_proj).reshape(T, H, Dh).transpose(1, 0, 2)  # (T, H*Dh) -> (H, T, Dh)
+    k = kernels.linear(x, p.k_proj).reshape(T, K, Dh).transpose(1, 0, 2)  # (T, K*Dh) -> (K, T, Dh)
+    v = kernels.linear(x, p.v_proj).reshape(T, K, Dh).transpose(1, 0, 2)  # (T, K*Dh) -> (K, T, Dh)
     if c.qk_norm:  # Gemma 3 normalises every head before RoPE (transformers Gemma3Attention)
         q = rms_norm(q, p.q_norm, c.rms_norm_eps)
         k = rms_norm(k, p.k_norm, c.rms_norm_eps)
@@ -37,7 +37,7 @@ def self_attention(x, p: LayerParams, c: GemmaConfig, layer: int, rope, position
            scale=c.attn_scale, softcap=c.attn_logit_softcapping)  # what the attention pattern is made of
     out = attention(q, k, v, attention_mask(positions, k_positions, window),
                     c.attn_scale, c.attn_logit_softcapping)  # (H, T, Dh)
-    return linear(out.transpose(1, 0, 2).reshape(T, H * Dh), p.o_proj)  # (H, T, Dh) -> (T, H*Dh) -> (T, D)
+    return kernels.linear(out.transpose(1, 0, 2).reshape(T, H * Dh), p.o_proj)  # (H, T, Dh) -> (T, H*Dh) -> (T, D)
 
 
 def block(x, p: LayerParams, c: GemmaConfig, layer: int, rope, positions, cache: KVCache):
@@ -90,7 +90,7 @@ def forward(params: Params, c: GemmaConfig, token_ids, cache: KVCache, last_only
     if last_only:
         x = x[-1:]
     x = rms_norm(x, params.final_norm, c.rms_norm_eps)
-    logits = linear(x, params.embed)  # tied head: (T, D) @ (D, V) -> (T, V)
+    logits = kernels.linear(x, params.embed)  # tied head: (T, D) @ (D, V) -> (T, V)
     # Gemma 2 caps the final logits at 30 (transformers Gemma2ForCausalLM, gemma_pytorch Sampler)
     logits = softcap(logits, c.final_logit_softcapping)
     record(None, final_norm=x, logits=logits)
@@ -112,6 +112,11 @@ class Gemma:
             raise ValueError(f"{self.source or 'this model'} has no tokenizer (an HF directory needs "
                              "tokenizer.model; a GGUF file needs tokenizer.ggml.* metadata)")
         return self._tokenizer
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the weights as stored (float32, 16-bit, int8 or int4: see weights.py)."""
+        return params_nbytes(self.params)
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config)

@@ -87,7 +87,7 @@ def gelu_exact(x):
 
 
 def embed_unscaled(token_ids, table, scale):
-    return table[token_ids].astype(np.float32)  # forgets * sqrt(D)
+    return layers.embed(token_ids, table, 1.0)  # forgets * sqrt(D)
 
 
 def attention_probs_cap_after_mask(q, k, mask, scale, cap):

@@ -1,0 +1,251 @@
+"""Weight matrices as plain data: how each storage type holds an (out, in) matrix, and how to read rows back.
+
+    type        held as                                           bytes/weight   where it comes from
+    float32     a plain np.ndarray (out, in)                      4              the reference
+    bfloat16    Float16Bits: uint16 bit patterns (out, in)        2              HF checkpoints' usual dtype
+    float16     Float16Bits: np.float16 (out, in)                 2
+    int8        Int8: int8 q (out, in/32, 32) + fp16 scale d      1.0625         = GGUF Q8_0, bit for bit
+    int4        Int4: nibbles (out, in/32, 16) + fp16 d and m     0.625          = GGUF Q4_1, bit for bit
+
+Each type knows its logical `shape` (out, in) and `nbytes`, and has `rows(start, stop)`: the float32 values of
+a block of rows. That is the readable definition of the format, and what the NumPy kernels use (kernels.py
+dequantizes a block of rows, multiplies, moves on: a whole matrix is never widened at once).
+
+int8 is symmetric, one scale per group of 32 along the input dimension: x = d * q, d = max|x| / 127. It is
+llama.cpp's Q8_0 (ggml-quants.c quantize_row_q8_0_ref), so a Q8_0 tensor of a GGUF file is used as stored: `q`
+and `d` are views of the memory-mapped file, nothing is copied or requantized.
+
+int4 is asymmetric, a scale and a minimum per group of 32: x = d * q + m, q in 0..15, d = (max - min) / 15,
+m = min. It is llama.cpp's Q4_1 (quantize_row_q4_1_ref). Measured on the built-in model (docs/quantization.md)
+it is clearly better than the symmetric Q4_0 layout, for 1/16 byte more per weight. The tied embedding / LM
+head stays int8 under "int4" (see loading.py): it is the most sensitive matrix, and llama.cpp's own Q4_K_M
+file of the built-in model keeps it at Q8_0 too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .quants import bf16_to_f32
+
+GROUP = 32  # weights per scale, along the input dimension
+
+
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounding to nearest even as torch does.
+
+    bfloat16 is the top 16 bits of a float32. Rounding: add 0x7FFF plus the lowest kept bit, then cut
+    (NaN stays NaN: its top bits are kept as they are)."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        rounded[nan] = (bits[nan] >> 16).astype(np.uint16) | np.uint16(0x40)
+    return rounded
+
+
+@dataclass
+class Float16Bits:
+    """A matrix stored in 16 bits: bfloat16 (as uint16 bit patterns: NumPy has no bfloat16) or float16."""
+
+    data: np.ndarray  # (out, in) uint16 (bfloat16 bits) or float16
+    dtype: str  # "bfloat16" or "float16"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.data.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Shapes: -> (stop - start, in) float32"""
+        block = self.data[start:stop]
+        return bf16_to_f32(block) if self.dtype == "bfloat16" else block.astype(np.float32)
+
+    @classmethod
+    def from_float(cls, x: np.ndarray, dtype: str) -> "Float16Bits":
+        return cls(f32_to_bf16(x) if dtype == "bfloat16" else x.astype(np.float16), dtype)
+
+
+@dataclass
+class Int8:
+    """Symmetric int8, one fp16 scale per group of 32 inputs: row r, group g holds x = d[r, g] * q[r, g, :]."""
+
+    q: np.ndarray  # (out, in/32, 32) int8
+    d: np.ndarray  # (out, in/32) float16
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        out, groups, _ = self.q.shape
+        return out, groups * GROUP
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.size + 2 * self.d.size
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Shapes: -> (stop - start, in) float32"""
+        q = self.q[start:stop].astype(np.float32)  # (R, G, 32)
+        q *= self.d[start:stop, :, None].astype(np.float32)
+        return q.reshape(stop - start, -1)
+
+    @classmethod
+    def from_float(cls, x: np.ndarray) -> "Int8":
+        """Quantize (out, in) float32, as llama.cpp's quantize_row_q8_0_ref: d = amax / 127 (stored as fp16),
+        q = round(x / d) with the float32 d."""
+        groups = _groups(x)  # (out, G, 32)
+        d = np.abs(groups).max(axis=-1) / np.float32(127)  # (out, G)
+        inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
+        q = _round_half_away(groups * inv[..., None]).astype(np.int8)  # |x| / d <= 127: no clipping needed
+        return cls(q, d.astype(np.float16))
+
+    @classmethod
+    def from_q8_0(cls, data: np.ndarray, shape: tuple[int, int]) -> "Int8":
+        """A view of GGUF Q8_0 bytes (out, in/32 * 34), no copy: each 34-byte block is d (fp16) then 32 int8."""
+        blocks = data.reshape(shape[0], shape[1] // GROUP, 34)
+        return cls(q=blocks[..., 2:].view(np.int8), d=blocks[..., :2].view("<f2")[..., 0])
+
+
+@dataclass
+class Int4:
+    """Asymmetric 4-bit, per group of 32 inputs a fp16 scale d and minimum m: x = d * q + m, q in 0..15.
+
+    Two weights per byte, as ggml packs them: byte j of a group holds element j in its low nibble and
+    element j + 16 in its high nibble."""
+
+    nibbles: np.ndarray  # (out, in/32, 16) uint8
+    d: np.ndarray  # (out, in/32) float16
+    m: np.ndarray  # (out, in/32) float16
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        out, groups, _ = self.nibbles.shape
+        return out, groups * GROUP
+
+    @property
+    def nbytes(self) -> int:
+        return self.nibbles.size + 2 * self.d.size + 2 * self.m.size
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Shapes: -> (stop - start, in) float32"""
+        b = self.nibbles[start:stop]
+        q = np.concatenate([b & 0x0F, b >> 4], axis=-1).astype(np.float32)  # (R, G, 32)
+        q *= self.d[start:stop, :, None].astype(np.float32)
+        q += self.m[start:stop, :, None].astype(np.float32)
+        return q.reshape(stop - start, -1)
+
+    @classmethod
+    def from_float(cls, x: np.ndarray) -> "Int4":
+        """Quantize (out, in) float32, as llama.cpp's quantize_row_q4_1_ref: d = (max - min) / 15, m = min,
+        q = trunc((x - min) / d + 0.5) clipped to 0..15 (computed with the float32 d and m)."""
+        groups = _groups(x)  # (out, G, 32)
+        lo, hi = groups.min(axis=-1), groups.max(axis=-1)  # (out, G)
+        d = (hi - lo) / np.float32(15)
+        inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
+        q = np.trunc((groups - lo[..., None]) * inv[..., None] + np.float32(0.5))
+        q = q.clip(0, 15).astype(np.uint8)
+        return cls(q[..., :16] | (q[..., 16:] << 4), d.astype(np.float16), lo.astype(np.float16))
+
+    @classmethod
+    def from_q4_1(cls, data: np.ndarray, shape: tuple[int, int]) -> "Int4":
+        """A view of GGUF Q4_1 bytes (out, in/32 * 20), no copy: d (fp16), m (fp16), 16 bytes of nibbles."""
+        blocks = data.reshape(shape[0], shape[1] // GROUP, 20)
+        return cls(nibbles=blocks[..., 4:], d=blocks[..., :2].view("<f2")[..., 0],
+                   m=blocks[..., 2:4].view("<f2")[..., 0])
+
+
+def _round_half_away(x: np.ndarray) -> np.ndarray:
+    """C's roundf: halves round away from zero (np.rint rounds them to even), as llama.cpp quantizes."""
+    return np.sign(x) * np.floor(np.abs(x) + np.float32(0.5))
+
+
+def _groups(x: np.ndarray) -> np.ndarray:
+    """(out, in) -> (out, in/32, 32) float32, refusing widths that are not whole groups."""
+    out, width = x.shape
+    if width % GROUP:
+        raise ValueError(f"cannot quantize a matrix of width {width}: it must be a multiple of {GROUP}")
+    return np.asarray(x, dtype=np.float32).reshape(out, width // GROUP, GROUP)
+
+
+# ---- from a file's tensor to the chosen storage ----------------------------------------------------------
+
+QUANTIZE_CHOICES = ("int8", "int4")
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+
+
+class StoredTensor:
+    """What a loader offers for one tensor of a file (hf.py, gguf_file.py implement it):
+      shape           the NumPy shape, known before anything is read
+      read()          the whole tensor as float32
+      rows(a, b)      rows a..b-1 as float32 (for converting a big matrix a block at a time)
+      stored(kind)    the tensor as weight type `kind` without conversion, if the file holds it that way
+                      (a GGUF Q8_0 tensor for "int8", a safetensors BF16 tensor for "bfloat16"), else None
+    """
+
+    shape: tuple[int, ...]
+
+    def read(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def stored(self, kind: str):
+        return None
+
+
+def storage_for(field: str, quantize: str | None, dtype: str | None) -> str:
+    """The storage of one parameter: norms (1-D) stay float32 (see to_weight); under "int4" the tied embedding
+    / LM head is int8, being the matrix whose error costs the most (measured in docs/quantization.md)."""
+    if quantize == "int4" and field == "embed":
+        return "int8"
+    return quantize or dtype or "float32"
+
+
+def to_weight(t: StoredTensor, kind: str):
+    """A file's tensor in storage `kind`. 1-D tensors (norms) are always float32.
+
+    A big matrix is converted a block of rows at a time into preallocated arrays, so converting never holds
+    a float32 copy of the whole matrix (a gemma-2b embedding is 2.1 GB in float32, 0.56 GB in int8)."""
+    if kind == "float32" or len(t.shape) == 1:
+        return t.read()
+    as_stored = t.stored(kind)
+    if as_stored is not None:
+        return as_stored
+    make = {"int8": Int8.from_float, "int4": Int4.from_float,
+            "bfloat16": lambda x: Float16Bits.from_float(x, "bfloat16"),
+            "float16": lambda x: Float16Bits.from_float(x, "float16")}[kind]
+    out_rows, width = t.shape
+    step = block_rows(width)
+    first = make(t.rows(0, min(step, out_rows)))
+    # every array field gets its full size now; the blocks are written into it
+    fields = {f: (np.empty((out_rows,) + v.shape[1:], v.dtype) if isinstance(v, np.ndarray) else v)
+              for f, v in vars(first).items()}
+    for start in range(0, out_rows, step):
+        part = first if start == 0 else make(t.rows(start, min(start + step, out_rows)))
+        for f, v in vars(part).items():
+            if isinstance(v, np.ndarray):
+                fields[f][start:start + len(v)] = v
+    return type(first)(**fields)
+
+
+BLOCK_BYTES = 1 << 22  # float32 bytes of one block of rows: 4 MiB stays in the L2/L3 caches
+
+
+def block_rows(width: int) -> int:
+    """How many rows of a matrix `width` wide make one block of BLOCK_BYTES float32."""
+    return max(1, BLOCK_BYTES // (4 * width))
+
+
+def nbytes(w) -> int:
+    """Bytes of one weight, whatever its type."""
+    return int(w.nbytes)
+
+
+def dequantize(w) -> np.ndarray:
+    """The whole matrix as float32 (for tests and notebooks; the kernels never do this)."""
+    return w if isinstance(w, np.ndarray) else w.rows(0, w.shape[0])
