@@ -1,4 +1,5 @@
-"""`python -m minigemma generate PROMPT`, `... chat` and `... perplexity FILE` (also installed as `minigemma`).
+"""`python -m minigemma generate PROMPT`, `... chat`, `... perplexity FILE` and `... compare` (also installed as
+`minigemma`).
 
 Text streams to stdout; progress and diagnostics go to stderr. Errors are one line on stderr: exit code 2
 for a bad command line, 1 for anything that fails after that (a missing or broken file, a prompt too long,
@@ -160,7 +161,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", action="store_true",
                    help="print the results and timing as one JSON line, the last line of stderr")
     p.set_defaults(run=perplexity_command)
+
+    cmp = sub.add_parser("compare", help="compare every layer with transformers (needs transformers and torch)")
+    cmp.add_argument("--model", default=None,
+                     help="HF directory, Gemma 2/3 .gguf file or HF repo id (default: the built-in Gemma 3 270M)")
+    cmp.add_argument("--prompt", default=DEFAULT_COMPARE_PROMPT,
+                     help="the text both run on (default: a short sentence; see compare.py on long prompts)")
+    cmp.set_defaults(run=compare_command)
     return parser
+
+
+# Short on purpose: float32 noise grows with prompt length (compare.py, noise_threshold)
+DEFAULT_COMPARE_PROMPT = "The capital of France is Paris. The capital of Germany is"
+
+
+def compare_command(args) -> int:
+    """Exit 0 when every step is within float32 noise, 1 when one departs (or anything fails)."""
+    from .compare import compare, load_transformers_model, require_transformers
+    from .loading import load
+
+    require_transformers()
+    model = load(args.model)
+    hf_model = load_transformers_model(model)
+    ids = model.tokenizer.encode(args.prompt, add_bos=True)
+    report = compare(model, hf_model, ids)
+    print(f"{model.source}: {len(ids)} tokens")
+    print(report.format(lambda i: model.tokenizer.decode([i])))
+    return 0 if report.first_departure is None else 1
 
 
 def generate_command(args) -> int:

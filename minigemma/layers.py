@@ -104,17 +104,17 @@ def attention_mask(q_pos: np.ndarray, k_pos: np.ndarray, window: int | None) -> 
     return allowed
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray,
-              scale: float, cap: float | None) -> np.ndarray:
-    """Scaled dot-product attention with grouped KV heads, soft-cap and mask.
+def attention_probs(q: np.ndarray, k: np.ndarray, mask: np.ndarray, scale: float, cap: float | None) -> np.ndarray:
+    """How much each query head attends to each key: scaled scores, soft-cap, mask, softmax.
 
     Query head h uses kv head h // G (transformers' repeat_kv): with K = 1 this is multi-query attention
     (gemma-2b), with K = H multi-head (gemma-7b), in between grouped-query (gemma-2-2b). Instead of copying
     each kv head G times we fold the G query heads that share it into the row axis of one matmul.
     Order matters on Gemma 2: scale, then soft-cap, then mask, then softmax (transformers
-    eager_attention_forward, gemma_pytorch GemmaAttention).
+    eager_attention_forward, gemma_pytorch GemmaAttention): capping after the mask would turn the masked
+    -inf into -cap and leak weight to future tokens.
 
-    Shapes: q (H, T, Dh), k (K, S, Dh), v (K, S, Dh), mask (T, S) -> (H, T, Dh)
+    Shapes: q (H, T, Dh), k (K, S, Dh), mask (T, S) -> (H, T, S)
     """
     H, T, Dh = q.shape
     K = k.shape[0]
@@ -124,7 +124,19 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray,
     scores = softcap(scores, cap)
     scores = scores.reshape(K, G, T, -1)  # (K, G*T, S) -> (K, G, T, S)
     scores = np.where(mask, scores, f32(-np.inf))
-    probs = softmax(scores).reshape(K, G * T, -1)  # (K, G, T, S) -> (K, G*T, S)
+    return softmax(scores).reshape(H, T, -1)  # (K, G, T, S) -> (H, T, S)
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray,
+              scale: float, cap: float | None) -> np.ndarray:
+    """Scaled dot-product attention with grouped KV heads, soft-cap and mask: attention_probs @ v.
+
+    Shapes: q (H, T, Dh), k (K, S, Dh), v (K, S, Dh), mask (T, S) -> (H, T, Dh)
+    """
+    H, T, Dh = q.shape
+    K = k.shape[0]
+    probs = attention_probs(q, k, mask, scale, cap)  # (H, T, S)
+    probs = probs.reshape(K, (H // K) * T, -1)  # (H, T, S) -> (K, G*T, S): the G heads sharing a kv head
     out = probs @ v  # (K, G*T, S) @ (K, S, Dh) -> (K, G*T, Dh)
     return out.reshape(H, T, Dh)  # (K, G*T, Dh) -> (H, T, Dh)
 

@@ -15,6 +15,7 @@ from .errors import ContextOverflow, InvalidArgument, ModelFileError
 from .kvcache import KVCache
 from .layers import apply_rope, attention, attention_mask, embed, mlp, rms_norm, rope_angles, softcap
 from .params import LayerParams, Params, params_nbytes
+from .recording import record
 
 
 def self_attention(x, p: LayerParams, c: GemmaConfig, layer: int, rope, positions, cache: KVCache):
@@ -33,6 +34,8 @@ def self_attention(x, p: LayerParams, c: GemmaConfig, layer: int, rope, position
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k, v, k_positions = cache.layers[layer].update(k, v, positions)  # (K, S, Dh) each
     window = c.layer_window(layer)
+    record(layer, q=q, k=k, v=v, q_positions=positions, k_positions=k_positions, window=window,
+           scale=c.attn_scale, softcap=c.attn_logit_softcapping)  # what the attention pattern is made of
     out = attention(q, k, v, attention_mask(positions, k_positions, window),
                     c.attn_scale, c.attn_logit_softcapping)  # (H, T, Dh)
     return kernels.linear(out.transpose(1, 0, 2).reshape(T, H * Dh), p.o_proj)  # (H, T, Dh) -> (T, H*Dh) -> (T, D)
@@ -41,14 +44,24 @@ def self_attention(x, p: LayerParams, c: GemmaConfig, layer: int, rope, position
 def block(x, p: LayerParams, c: GemmaConfig, layer: int, rope, positions, cache: KVCache):
     """One transformer block. Shapes: (T, D) -> (T, D)"""
     eps = c.rms_norm_eps
-    h = self_attention(rms_norm(x, p.input_norm, eps), p, c, layer, rope, positions, cache)
+    h = rms_norm(x, p.input_norm, eps)
+    record(layer, attn_norm=h)
+    h = self_attention(h, p, c, layer, rope, positions, cache)
+    record(layer, attn_out=h)
     if c.sandwich_norms:
         h = rms_norm(h, p.post_attn_norm, eps)
+        record(layer, post_attn_norm=h)
     x = x + h
-    h = mlp(rms_norm(x, p.pre_mlp_norm, eps), p.gate_proj, p.up_proj, p.down_proj)
+    h = rms_norm(x, p.pre_mlp_norm, eps)
+    record(layer, resid_mid=x, mlp_norm=h)
+    h = mlp(h, p.gate_proj, p.up_proj, p.down_proj)
+    record(layer, mlp_out=h)
     if c.sandwich_norms:
         h = rms_norm(h, p.post_mlp_norm, eps)
-    return x + h
+        record(layer, post_mlp_norm=h)
+    x = x + h
+    record(layer, resid=x)
+    return x
 
 
 def forward(params: Params, c: GemmaConfig, token_ids, cache: KVCache, last_only: bool = False) -> np.ndarray:
@@ -68,6 +81,7 @@ def forward(params: Params, c: GemmaConfig, token_ids, cache: KVCache, last_only
         raise InvalidArgument(f"token ids must be in [0, {c.vocab_size}), got {token_ids.min()}..{token_ids.max()}")
 
     x = embed(token_ids, params.embed, c.embed_scale)  # (T, D)
+    record(None, embed=x)  # recording (recording.py) costs nothing unless inside `with record_forward()`
     # one cos/sin table per layer type: Gemma 3 uses base 1e6 on global layers and 1e4 on sliding ones
     ropes = {t: rope_angles(positions, c.head_dim, r.theta, r.factor) for t, r in c.rope.items()}
     for i, p in enumerate(params.layers):
@@ -79,7 +93,9 @@ def forward(params: Params, c: GemmaConfig, token_ids, cache: KVCache, last_only
     x = rms_norm(x, params.final_norm, c.rms_norm_eps)
     logits = kernels.linear(x, params.embed)  # tied head: (T, D) @ (D, V) -> (T, V)
     # Gemma 2 caps the final logits at 30 (transformers Gemma2ForCausalLM, gemma_pytorch Sampler)
-    return softcap(logits, c.final_logit_softcapping)
+    logits = softcap(logits, c.final_logit_softcapping)
+    record(None, final_norm=x, logits=logits)
+    return logits
 
 
 class Gemma:
