@@ -6,7 +6,7 @@
 The notebooks are stored with their outputs so that a reader browsing the repository sees every picture.
 This is the one command that regenerates them. Each runs in its own kernel, started in tutorials/, with this
 checkout first on the import path; plots are drawn by the inline backend as PNGs at a modest resolution.
-A cell that raises stops the run with nbclient's CellExecutionError (naming the cell) and saves nothing.
+A cell that raises stops the run with nbclient's CellExecutionError (naming the cell); that notebook is not saved.
 
 The code cell tagged `readme-picture` (in Jupyter: View > Cell Toolbar > Tags) also has its PNG written to
 docs/images/, for the README.
