@@ -10,8 +10,10 @@ rules are narrow on purpose, so prose is never mistaken for a name:
   * in `backticks`: a dotted name rooted in the package (`minigemma.layers.rms_norm`, `minigemma.model:forward`,
     `minigemma.load(source)`) must import and resolve attribute by attribute; `Class.attr` where Class is a
     class of the package (`GemmaConfig.qk_norm`, `LayerCache.update`) must be an attribute or dataclass field;
-    a bare `name()` must be a function or method somewhere in the package. Names of other projects
-    (`RMSNorm(add_unit_offset=True)`, `np.memmap(...)`) are left alone;
+    `module.name` where module is one of the package's modules (`model.forward`, `layers.mlp(x, ...)`) must
+    exist in it, unless it reads as a file name (`config.json`, `tokenizer.model`) or has more dots (tensor
+    names such as `model.norm.weight`); a bare `name()` must be a function or method somewhere in the package.
+    Names of other projects (`RMSNorm(add_unit_offset=True)`, `np.memmap(...)`) are left alone;
   * flags: a backticked `--flag ...`, and every `--flag` in a fenced code block that runs `minigemma generate`,
     must be an option of the command line (`minigemma.cli.build_parser`).
 """
@@ -57,6 +59,10 @@ def package_modules() -> tuple:
     return (minigemma,) + tuple(importlib.import_module(f"minigemma.{m.name}")
                                 for m in pkgutil.iter_modules(minigemma.__path__)
                                 if m.name != "__main__")  # importing __main__ would run the command line
+
+
+def module_names() -> set[str]:
+    return {m.__name__.split(".")[-1] for m in package_modules()[1:]}
 
 
 @functools.cache
@@ -119,6 +125,8 @@ FENCE = re.compile(r"^```.*?^```", re.M | re.S)
 FLAG = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)")
 PACKAGE_NAME = re.compile(r"(minigemma(?:\.\w+)*(?::\w+(?:\.\w+)*)?)(?:\(.*\))?")
 CLASS_ATTR = re.compile(r"([A-Z]\w*)\.(\w+)(?:\(.*\))?")
+MODULE_ATTR = re.compile(r"([a-z_]+)\.(\w+)(?:\(.*\))?")
+FILE_SUFFIXES = {"json", "model", "safetensors", "gguf", "py", "md", "ipynb", "txt", "bin", "cpp", "h", "toml"}
 BARE_CALL = re.compile(r"(\w+)\(\)")
 
 
@@ -139,6 +147,9 @@ def missing_names(text: str, base: Path) -> list[str]:
                 missing.append(span)
         elif (m := CLASS_ATTR.fullmatch(span)) and m.group(1) in classes:
             if not has_attribute(classes[m.group(1)], m.group(2)):
+                missing.append(span)
+        elif (m := MODULE_ATTR.fullmatch(span)) and m.group(1) in module_names() and m.group(2) not in FILE_SUFFIXES:
+            if not resolves(f"minigemma.{m.group(1)}.{m.group(2)}"):
                 missing.append(span)
         elif (m := BARE_CALL.fullmatch(span)) and m.group(1) not in functions:
             missing.append(span)
@@ -173,6 +184,7 @@ def test_the_rules_catch_stale_names_and_leave_prose_alone():
         "`minigemma.layers.no_such_function`": "minigemma.layers.no_such_function",
         "`minigemma.model:no_such`": "minigemma.model:no_such",
         "`GemmaConfig.no_such_field`": "GemmaConfig.no_such_field",
+        "`model.no_such(ids)`": "model.no_such(ids)",
         "`no_such_function()`": "no_such_function()",
         "`--no-such-flag`": "--no-such-flag",
         "```\npython -m minigemma generate hi --no-such-flag 3\n```": "--no-such-flag",
@@ -181,6 +193,7 @@ def test_the_rules_catch_stale_names_and_leave_prose_alone():
         assert missing_names(text, base) == [name], text
     fine = ("`minigemma.layers.rms_norm`, `minigemma.model:forward`, `minigemma.load(source)`, "
             "`GemmaConfig.qk_norm`, `LayerParams.q_norm`, `LayerCache.update`, `rms_norm()`, `--top-k 40`, "
+            "`model.forward(ids)`, `layers.mlp`, `config.json`, `tokenizer.model`, `model.norm.weight`, "
             "[architecture](architecture.md#shapes), minigemma/layers.py, tests/test_models.py, "
             "`RMSNorm(add_unit_offset=True)`, `np.memmap(path)`, `pip install -e .`, models/gemma/x.py, "
             "https://example.org/tests/none.py, the minigemma. package, --flags in prose")
