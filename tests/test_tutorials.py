@@ -28,7 +28,7 @@ import pytest
 
 TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
 NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
-MAX_STORED_BYTES = 400_000  # each notebook measured 60-180 KB with its PNGs; a code host renders up to ~1 MB
+MAX_STORED_BYTES = 400_000  # measured 56-176 KB per notebook with its PNGs; a code host renders up to ~1 MB
 
 
 def test_there_are_tutorials():
