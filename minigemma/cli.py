@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence/end-of-turn")
     g.add_argument("--quantize", default="none", choices=[q for q in QUANTIZE_CHOICES if q],
                    help="weight quantization (default: none)")
+    g.add_argument("--backend", default=None, choices=["numba", "numpy"],
+                   help="kernels: numba (compiled; the default where installed, or $MINIGEMMA_BACKEND) or numpy "
+                        "(the readable reference); same answers")
     g.add_argument("--stats", action="store_true",
                    help="print timing and memory as one JSON line, the last line of stderr")
     return parser
@@ -75,7 +78,7 @@ def generate_command(args) -> int:
         prompt = chat_prompt(prompt, system=args.system)
 
     start = time.perf_counter()
-    model = load(args.model, quantize=None if args.quantize == "none" else args.quantize)
+    model = load(args.model, quantize=None if args.quantize == "none" else args.quantize, backend=args.backend)
     load_s = time.perf_counter() - start
     ids = model.tokenizer.encode(prompt, add_bos=True)
 

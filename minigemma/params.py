@@ -12,6 +12,7 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
+from . import kernels
 from .config import GemmaConfig
 from .weights import StoredTensor, nbytes, storage_for, to_weight
 
@@ -126,6 +127,7 @@ def build_params(config: GemmaConfig, tensors: Mapping[str, StoredTensor], colum
             raise ValueError(f"{source}: tensor {name} has shape {tuple(t.shape)}, expected {spec.shape(config)}")
         used.add(name)
         weight = to_weight(t, storage_for(spec.field, quantize, dtype))
+        weight = kernels.prepare(weight)  # the layout the backend's kernels read best (kernels_numba.prepare)
         done()
         return weight
 
