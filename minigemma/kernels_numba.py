@@ -3,8 +3,9 @@
 Chosen by `minigemma.load(..., backend="numba")`, `MINIGEMMA_BACKEND=numba` or `--backend numba` (the default
 where Numba imports; see kernels.use_backend). Only these get a twin:
 
-    linear(x, w)        one-token products (decode): a matrix-vector kernel per weight type, reading each
-                        weight once, in the packed layouts of weights.py (Int8x64, Int4x64)
+    linear(x, w)        one-token products (decode): a matrix-vector kernel per weight type (float32,
+                        bfloat16/float16, and int8/int4 in the packed layouts of weights.py, Int8x64 and
+                        Int4x64), reading each weight once
                         many-token products (prefill): weights dequantized a cache-sized tile at a time
                         into float32, then BLAS sgemm (x @ tile): a hand-written GEMM rarely beats BLAS
     attention(...)      one kernel for decode and prefill: per (head, tile of queries), an online softmax
@@ -31,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -99,8 +101,12 @@ def int4x64_matvec(x, nibbles, d, m, out):
     """out[t, 64b + r] = sum_g d[b, g, r] * sum_j q[b, g, j, r] * x[t, 32g + j] + m[b, g, r] * sum_j x[t, 32g + j]
 
     (Int4x64 @ x.) The minimum m of a group multiplies the sum of its 32 inputs, computed once per token for
-    all rows, so the inner loop is the int8 kernel's with two nibbles per byte. The nibbles are cut with
-    uint8 masks and shifts (not Python ints, which Numba would widen to 64 bits).
+    all rows, so the inner loop is the int8 kernel's with two nibbles per byte. The nibbles are split in
+    float32, not with integer masks and shifts: Numba types `byte & 15` as a 64-bit integer, and the
+    generated code then widens bytes to 64 bits and converts 8 at a time (vpmovzxbq, vcvtqq2ps). With the
+    byte b as a float, hi = floor(b / 16) and lo = b - 16 hi, so
+        x_lo * lo + x_hi * hi = x_lo * b + (x_hi - 16 x_lo) * hi
+    which is one conversion, one multiply, one rounding and two fused multiply-adds per byte (two weights).
 
     Shapes: x (T, in), nibbles (B, G, 16, 64) uint8, d, m (B, G, 64) uint16 (fp16 bits), out (T, B*64)
     """
@@ -119,9 +125,10 @@ def int4x64_matvec(x, nibbles, d, m, out):
                 for j in range(half):
                     x_lo, x_hi = x[t, g * GROUP + j], x[t, g * GROUP + j + half]
                     xsum += x_lo + x_hi
+                    x_hi_minus = x_hi - f32(16) * x_lo
                     for r in range(ROWS):
-                        byte = nibbles[b, g, j, r]
-                        part[r] += x_lo * f32(byte & np.uint8(15)) + x_hi * f32(byte >> np.uint8(4))
+                        byte = f32(nibbles[b, g, j, r])
+                        part[r] += x_lo * byte + x_hi_minus * np.floor(byte * f32(0.0625))
                 fp16_to_f32(d[b, g], scale)
                 fp16_to_f32(m[b, g], low)
                 for r in range(ROWS):
@@ -153,6 +160,26 @@ def f16bits_matvec(x, bits, bfloat16, out):
                 s = f32(0)
                 for i in range(I):
                     s += row[i] * x[t, i]
+                out[t, o] = s
+
+
+@njit(parallel=True, fastmath=FAST, cache=True)
+def f32_matvec(x, w, out):
+    """out[t, o] = sum_i w[o, i] * x[t, i]                                                    (float32 w @ x)
+
+    BLAS's sgemv does the same as fast on an idle machine; this one exists so that decoding runs on Numba's
+    threads only (kernels_numba.choose_threads), not also on OpenBLAS's, whose waiting threads cost a
+    scheduler time slice per call when the machine is busy (measured: 20 ms for a 2048 x 640 product).
+
+    Shapes: x (T, in), w (out, in) float32, out (T, out)
+    """
+    O, I = w.shape
+    for b in prange((O + ROWS - 1) // ROWS):
+        for o in range(b * ROWS, min(O, (b + 1) * ROWS)):
+            for t in range(x.shape[0]):
+                s = f32(0)
+                for i in range(I):
+                    s += w[o, i] * x[t, i]
                 out[t, o] = s
 
 
@@ -284,10 +311,14 @@ def _bits(a: np.ndarray) -> np.ndarray:
 
 def linear(x: np.ndarray, w) -> np.ndarray:
     """x @ w.T, as kernels.linear. Shapes: (T, in), (out, in) -> (T, out) float32"""
-    if isinstance(w, np.ndarray):
-        return x @ w.T  # float32: BLAS (sgemv / sgemm) is already at the machine's limits
     x = np.ascontiguousarray(x, dtype=f32)
     T = x.shape[0]
+    if isinstance(w, np.ndarray):
+        if T <= MATVEC_MAX_T and w.dtype == f32 and w.flags.c_contiguous:
+            out = np.empty((T, w.shape[0]), f32)
+            f32_matvec(x, w, out)
+            return out
+        return x @ w.T  # float32 prefill: BLAS sgemm
     if isinstance(w, (Int8x64, Int4x64)):
         width = w.q.shape[0] * ROWS if isinstance(w, Int8x64) else w.nibbles.shape[0] * ROWS
         out = np.empty((T, width), f32)
@@ -348,7 +379,7 @@ def prepare(w):
 
 # ---- compiling ------------------------------------------------------------------------------------------------
 
-KERNELS = (int8x64_matvec, int4x64_matvec, f16bits_matvec, int8x64_tile, int4x64_tile, flash_attention)
+KERNELS = (int8x64_matvec, int4x64_matvec, f16bits_matvec, f32_matvec, int8x64_tile, int4x64_tile, flash_attention)
 _warm = False
 
 
@@ -364,6 +395,23 @@ def _cached() -> bool:
     return True
 
 
+def choose_threads() -> None:
+    """One thread when the machine is already busy, unless NUMBA_NUM_THREADS says otherwise.
+
+    Each parallel loop ends at a barrier where every thread waits for the slowest. When other processes hold
+    the cores, a thread that lost its core holds everyone up for a scheduler time slice, at every one of the
+    ~130 parallel loops of a decode step: measured on this 2-core machine under a load of ~13, int8 decode
+    ran at 1.7 tok/s with 2 threads and 17 tok/s with 1 (llama.cpp's own 2-thread loop suffers the same).
+    "Busy" is a one-minute load average of at least one runnable process more than there are cores."""
+    if "NUMBA_NUM_THREADS" in os.environ or not hasattr(os, "getloadavg"):
+        return
+    cores, load = numba.config.NUMBA_NUM_THREADS, os.getloadavg()[0]
+    if cores > 1 and load >= cores + 1:
+        numba.set_num_threads(1)
+        print(f"minigemma: the machine is busy (load {load:.1f} on {cores} cores): the Numba kernels use 1 "
+              "thread (set NUMBA_NUM_THREADS to choose)", file=sys.stderr, flush=True)
+
+
 def warm_up() -> None:
     """Compile (or load from Numba's cache) every kernel for the argument types the model passes, once per
     process. Compiling takes seconds, so it says so on stderr when it happens (the first run after installing
@@ -374,6 +422,7 @@ def warm_up() -> None:
     _warm = True
     if os.environ.get("NUMBA_DISABLE_JIT", "0") not in ("", "0"):
         return  # plain Python: nothing to compile
+    choose_threads()
     if not _cached():
         print("minigemma: compiling the Numba kernels (first run only; cached afterwards)...", file=sys.stderr,
               flush=True)
@@ -381,7 +430,7 @@ def warm_up() -> None:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 64)).astype(f32)
     for w in (prepare(Int8.from_float(x.repeat(64, axis=0))), prepare(Int4.from_float(x.repeat(64, axis=0))),
-              Float16Bits.from_float(x.repeat(64, axis=0), "bfloat16")):
+              Float16Bits.from_float(x.repeat(64, axis=0), "bfloat16"), x.repeat(64, axis=0)):
         linear(x, w)  # the matrix-vector kernels
         linear(x.repeat(MATVEC_MAX_T + 1, axis=0), w)  # the tiles
     qkv = x.reshape(1, 1, 64)
