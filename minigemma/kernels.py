@@ -110,7 +110,7 @@ def use_backend(name: str | None = None) -> str:
             raise ValueError("backend='numba' needs the numba package (pip install numba)")
         from . import kernels_numba
 
-        kernels_numba.warm_up()
+        kernels_numba.configure()
         table = {"linear": kernels_numba.linear, "attention": kernels_numba.attention,
                  "prepare": kernels_numba.prepare}
     else:

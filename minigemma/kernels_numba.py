@@ -264,20 +264,28 @@ def flash_attention(q, k, v, q_pos, k_pos, window, scale, cap, out):
         run_sum = np.zeros(Q_TILE, f32)
         acc = np.zeros((Q_TILE, Dh), f32)
         p = np.empty(K_TILE, f32)
+        k_tile = np.empty((Dh, K_TILE), f32)  # this tile's keys, transposed
         for s0 in range(s_start, s_end, K_TILE):
-            s1 = min(s_end, s0 + K_TILE)
+            n = min(s_end, s0 + K_TILE) - s0
+            # transposed once per tile and reused by each query, so the scores of one query are sums along
+            # the key axis (64 independent lanes) instead of 64 dot products that each end in a horizontal sum
+            for j in range(n):
+                for e in range(Dh):
+                    k_tile[e, j] = k[s0 + j, kv, e]
             for i in range(t1 - t0):
                 t = t0 + i
+                p[:n] = 0
+                for e in range(Dh):
+                    qe = q[h, t, e]
+                    for j in range(n):
+                        p[j] += qe * k_tile[e, j]
                 tile_max = f32(-np.inf)
-                for j in range(s1 - s0):
+                for j in range(n):
                     s = s0 + j
                     if k_pos[s] > q_pos[t] or (window > 0 and k_pos[s] <= q_pos[t] - window):
                         p[j] = -np.inf  # masked: the future, or outside the window
                         continue
-                    dot = f32(0)
-                    for e in range(Dh):
-                        dot += q[h, t, e] * k[s, kv, e]
-                    score = dot * f32(scale)
+                    score = p[j] * f32(scale)
                     if cap > 0:
                         score = f32(cap) * f32(math.tanh(score / f32(cap)))
                     p[j] = score
@@ -289,7 +297,7 @@ def flash_attention(q, k, v, q_pos, k_pos, window, scale, cap, out):
                 run_sum[i] *= rescale
                 for e in range(Dh):
                     acc[i, e] *= rescale
-                for j in range(s1 - s0):
+                for j in range(n):
                     if p[j] == -np.inf:
                         continue
                     w = f32(math.exp(p[j] - new_max))
@@ -316,7 +324,7 @@ def linear(x: np.ndarray, w) -> np.ndarray:
     if isinstance(w, np.ndarray):
         if T <= MATVEC_MAX_T and w.dtype == f32 and w.flags.c_contiguous:
             out = np.empty((T, w.shape[0]), f32)
-            f32_matvec(x, w, out)
+            _run(f32_matvec, x, w, out)
             return out
         return x @ w.T  # float32 prefill: BLAS sgemm
     if isinstance(w, (Int8x64, Int4x64)):
@@ -324,15 +332,15 @@ def linear(x: np.ndarray, w) -> np.ndarray:
         out = np.empty((T, width), f32)
         if T <= MATVEC_MAX_T:
             if isinstance(w, Int8x64):
-                int8x64_matvec(x, w.q, _bits(w.d), out)
+                _run(int8x64_matvec, x, w.q, _bits(w.d), out)
             else:
-                int4x64_matvec(x, w.nibbles, _bits(w.d), _bits(w.m), out)
+                _run(int4x64_matvec, x, w.nibbles, _bits(w.d), _bits(w.m), out)
         else:
             _tiled_matmul(x, w, out)
         return out if width == w.out_rows else np.ascontiguousarray(out[:, :w.out_rows])
     if isinstance(w, Float16Bits) and T <= MATVEC_MAX_T:
         out = np.empty((T, w.shape[0]), f32)
-        f16bits_matvec(x, _bits(w.data), w.dtype == "bfloat16", out)
+        _run(f16bits_matvec, x, _bits(w.data), w.dtype == "bfloat16", out)
         return out
     return reference.REFERENCE["linear"](x, w)  # 16-bit prefill (a tile widened by NumPy, then BLAS), unpacked types
 
@@ -349,9 +357,9 @@ def _tiled_matmul(x: np.ndarray, w, out: np.ndarray) -> None:
         n = min(step, blocks - b0)
         part = tile if n == step else np.empty((in_features, n * ROWS), f32)  # the last tile is narrower
         if isinstance(w, Int8x64):
-            int8x64_tile(w.q, _bits(w.d), b0, part)
+            _run(int8x64_tile, w.q, _bits(w.d), b0, part)
         else:
-            int4x64_tile(w.nibbles, _bits(w.d), _bits(w.m), b0, part)
+            _run(int4x64_tile, w.nibbles, _bits(w.d), _bits(w.m), b0, part)
         out[:, b0 * ROWS:(b0 + n) * ROWS] = x @ part  # (T, in) @ (in, n*64)
 
 
@@ -361,7 +369,7 @@ def attention(q, k, v, q_positions, k_positions, window, scale, cap) -> np.ndarr
     k_sk = np.ascontiguousarray(k.transpose(1, 0, 2), dtype=f32)  # (K, S, Dh) -> (S, K, Dh): a view if the
     v_sk = np.ascontiguousarray(v.transpose(1, 0, 2), dtype=f32)  # cache stores (S, K, Dh), as kvcache.py does
     out = np.empty(q.shape, f32)
-    flash_attention(q, k_sk, v_sk, np.ascontiguousarray(q_positions, dtype=np.int64),
+    _run(flash_attention, q, k_sk, v_sk, np.ascontiguousarray(q_positions, dtype=np.int64),
                     np.ascontiguousarray(k_positions, dtype=np.int64), int(window or 0), float(scale),
                     float(cap or 0.0), out)
     return out
@@ -380,19 +388,42 @@ def prepare(w):
 # ---- compiling ------------------------------------------------------------------------------------------------
 
 KERNELS = (int8x64_matvec, int4x64_matvec, f16bits_matvec, f32_matvec, int8x64_tile, int4x64_tile, flash_attention)
-_warm = False
+_ready: set = set()  # kernels called at least once in this process
 
 
-def _cached() -> bool:
-    """Whether every kernel has a cache index in __pycache__ newer than this file (a guess, for the message
-    only: Numba's own check is finer, and NUMBA_CACHE_DIR may put the cache elsewhere)."""
+def _run(kernel, *args) -> None:
+    """Call a kernel; the first time in this process, say on stderr if it has to be compiled (seconds).
+
+    Kernels compile on first use, for the types they are given, so a model compiles only what it uses
+    (a float32 model never compiles the int4 kernels). With `cache=True` the machine code is stored in
+    __pycache__ and later processes load it in milliseconds."""
+    if kernel in _ready:
+        kernel(*args)
+        return
+    _ready.add(kernel)
+    announce = os.environ.get("NUMBA_DISABLE_JIT", "0") in ("", "0") and not _cached(kernel)
+    if announce:
+        print(f"minigemma: compiling the Numba kernel {kernel.__name__} (first run only; cached afterwards)...",
+              file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    kernel(*args)
+    if announce:
+        print(f"minigemma: compiled {kernel.__name__} in {time.perf_counter() - start:.1f} s", file=sys.stderr,
+              flush=True)
+
+
+def _cached(kernel) -> bool:
+    """Whether `kernel` has a cache index in __pycache__ newer than this file (a guess, for the message only:
+    Numba's own check is finer, and NUMBA_CACHE_DIR may put the cache elsewhere)."""
     folder = Path(__file__).parent / "__pycache__"
-    stamp = os.path.getmtime(__file__)
-    for kernel in KERNELS:
-        found = folder.glob(f"{Path(__file__).stem}.{kernel.__name__}-*.nbi") if folder.is_dir() else ()
-        if not any(os.path.getmtime(f) >= stamp for f in found):
-            return False
-    return True
+    found = folder.glob(f"{Path(__file__).stem}.{kernel.__name__}-*.nbi") if folder.is_dir() else ()
+    return any(os.path.getmtime(f) >= os.path.getmtime(__file__) for f in found)
+
+
+def configure() -> None:
+    """Called when the backend is chosen (kernels.use_backend)."""
+    if os.environ.get("NUMBA_DISABLE_JIT", "0") in ("", "0"):
+        choose_threads()
 
 
 def choose_threads() -> None:
@@ -408,34 +439,26 @@ def choose_threads() -> None:
     cores, load = numba.config.NUMBA_NUM_THREADS, os.getloadavg()[0]
     if cores > 1 and load >= cores + 1:
         numba.set_num_threads(1)
-        print(f"minigemma: the machine is busy (load {load:.1f} on {cores} cores): the Numba kernels use 1 "
-              "thread (set NUMBA_NUM_THREADS to choose)", file=sys.stderr, flush=True)
+        blas = "" if "OPENBLAS_NUM_THREADS" in os.environ or not _openblas_one_thread() else " and OpenBLAS"
+        print(f"minigemma: the machine is busy (load {load:.1f} on {cores} cores): the Numba kernels{blas} use "
+              "1 thread (set NUMBA_NUM_THREADS to choose)", file=sys.stderr, flush=True)
 
 
-def warm_up() -> None:
-    """Compile (or load from Numba's cache) every kernel for the argument types the model passes, once per
-    process. Compiling takes seconds, so it says so on stderr when it happens (the first run after installing
-    or changing this file); later processes load the machine code from the cache in milliseconds."""
-    global _warm
-    if _warm:
-        return
-    _warm = True
-    if os.environ.get("NUMBA_DISABLE_JIT", "0") not in ("", "0"):
-        return  # plain Python: nothing to compile
-    choose_threads()
-    if not _cached():
-        print("minigemma: compiling the Numba kernels (first run only; cached afterwards)...", file=sys.stderr,
-              flush=True)
-    start = time.perf_counter()
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((1, 64)).astype(f32)
-    for w in (prepare(Int8.from_float(x.repeat(64, axis=0))), prepare(Int4.from_float(x.repeat(64, axis=0))),
-              Float16Bits.from_float(x.repeat(64, axis=0), "bfloat16"), x.repeat(64, axis=0)):
-        linear(x, w)  # the matrix-vector kernels
-        linear(x.repeat(MATVEC_MAX_T + 1, axis=0), w)  # the tiles
-    qkv = x.reshape(1, 1, 64)
-    attention(qkv, qkv, qkv, np.arange(1), np.arange(1), 0, 0.1, 0.0)
-    misses = sum(sum(kernel.stats.cache_misses.values()) for kernel in KERNELS)
-    if misses:
-        print(f"minigemma: compiled {misses} Numba kernels in {time.perf_counter() - start:.1f} s "
-              f"(cached in {Path(__file__).parent / '__pycache__'})", file=sys.stderr, flush=True)
+def _openblas_one_thread() -> bool:
+    """Ask NumPy's OpenBLAS (prefill's sgemm) for one thread too, as threadpoolctl would; False if not found."""
+    if not os.path.exists("/proc/self/maps"):
+        return False
+    import ctypes
+
+    paths = {line.split()[-1] for line in open("/proc/self/maps") if "openblas" in line.lower()}
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in ("openblas_set_num_threads", "scipy_openblas_set_num_threads64_",
+                     "openblas_set_num_threads64_", "scipy_openblas_set_num_threads"):
+            if hasattr(lib, name):
+                getattr(lib, name)(1)
+                return True
+    return False
