@@ -23,7 +23,7 @@ from .config import GemmaConfig
 from .errors import ModelFileError
 from .params import Params, build_params
 from .quants import SUPPORTED_TYPES, dequantize
-from .weights import Float16Bits, Int4, Int8, StoredTensor
+from .weights import Float16Bits, Int4, Int8, StoredTensor, release_pages
 
 ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 
@@ -295,7 +295,10 @@ class GGUFTensor(StoredTensor):
         return array
 
     def rows(self, start: int, stop: int) -> np.ndarray:
-        return dequantize(self.t.data[start:stop], self.t.tensor_type, (stop - start,) + self.shape[1:])
+        view = self.t.data[start:stop]
+        block = dequantize(view, self.t.tensor_type, (stop - start,) + self.shape[1:])
+        release_pages(view)  # converted once: the file's pages need not stay in this process's memory
+        return block
 
     def stored(self, kind: str):
         # Q8_0 *is* our int8 and Q4_1 our int4, byte for byte: used in place, with no copy and no requantizing
