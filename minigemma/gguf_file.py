@@ -22,7 +22,7 @@ from tqdm import tqdm
 from .config import GemmaConfig
 from .errors import ModelFileError
 from .params import Params, build_params
-from .quants import SUPPORTED_TYPES, dequantize
+from .quants import SUPPORTED_TYPES, dequantize, symmetric_levels
 from .weights import Float16Bits, Int4, Int8, StoredTensor, release_pages
 
 ARCHITECTURES = ("gemma", "gemma2", "gemma3")
@@ -306,6 +306,13 @@ class GGUFTensor(StoredTensor):
             return Int8.from_q8_0(self.t.data, self.shape)
         if (kind, self.type) == ("int4", "Q4_1"):
             return Int4.from_q4_1(self.t.data, self.shape)
+        # Q4_0 and Q5_0 are d * k with k in -8..7 or -16..15: int8 holds that exactly with the same scale,
+        # so these are re-encoded, not requantized (no rounding at all)
+        if kind == "int8" and self.type in ("Q4_0", "Q5_0"):
+            rows, groups = self.shape[0], self.shape[1] // 32
+            blocks = np.asarray(self.t.data).reshape(rows * groups, -1)
+            d, k = symmetric_levels(blocks, self.type)
+            return Int8(q=k.reshape(rows, groups, 32), d=d.reshape(rows, groups))
         if (kind, self.type) == ("float16", "F16"):
             return Float16Bits(self.t.data, "float16")
         if (kind, self.type) == ("bfloat16", "BF16"):
