@@ -3,8 +3,6 @@ keeps is what the model computed."""
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 
@@ -13,6 +11,7 @@ from minigemma.config import GemmaConfig
 from minigemma.model import Gemma
 from minigemma.recording import logit_lens, record_forward
 from conftest import TINY, random_params
+from test_kernels_numba import backend as using  # run a block with one backend, then restore it
 
 # A Gemma 2 config: sandwich norms, a sliding window shorter than the sequence, both soft-caps
 CONFIG = GemmaConfig.from_hf_dict({**TINY, "model_type": "gemma2", "sliding_window": 5,
@@ -26,17 +25,6 @@ def model():
 
 
 BACKENDS = [b for b in kernels.BACKENDS if b == "numpy" or kernels.numba_available()]
-
-
-@contextlib.contextmanager
-def using(backend: str):
-    """Run a block with one backend, then restore the one in use (the switch is process-wide)."""
-    before = kernels.backend
-    kernels.use_backend(backend)
-    try:
-        yield
-    finally:
-        kernels.use_backend(before)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
