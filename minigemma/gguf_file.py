@@ -28,11 +28,15 @@ from .weights import Float16Bits, Int4, Int8, StoredTensor, release_pages
 ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 
 
-# GGUF metadata value types (gguf constants.py GGUFValueType) -> size in bytes of a scalar; 8 STRING and
-# 9 ARRAY have a length prefix instead.
-_SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+# GGUF metadata value types (gguf constants.py GGUFValueType): id -> (name, struct format of a scalar);
+# 8 STRING and 9 ARRAY have a length prefix instead.
+_SCALARS = {0: ("UINT8", "B"), 1: ("INT8", "b"), 2: ("UINT16", "H"), 3: ("INT16", "h"), 4: ("UINT32", "I"),
+            5: ("INT32", "i"), 6: ("FLOAT32", "f"), 7: ("BOOL", "?"), 10: ("UINT64", "Q"), 11: ("INT64", "q"),
+            12: ("FLOAT64", "d")}
 _STRING, _ARRAY, _UINT32 = 8, 9, 4
+_TYPE_NAMES = {**{k: name for k, (name, _) in _SCALARS.items()}, _STRING: "STRING", _ARRAY: "ARRAY"}
 MAX_DIMS = 4  # GGML_MAX_DIMS in ggml.h
+DEFAULT_ALIGNMENT = 32  # general.alignment when the file does not set it (GGUF spec)
 
 
 class _HeaderReader:
@@ -62,40 +66,69 @@ class _HeaderReader:
         except UnicodeDecodeError:
             self.fail(f"{what} is not UTF-8")
 
-    def skip_value(self, kind: int, what: str, depth: int = 0):
-        if kind in _SCALAR_SIZE:
-            self.need(_SCALAR_SIZE[kind], what)
-            self.f.seek(_SCALAR_SIZE[kind], 1)
-        elif kind == _STRING:
-            (n,) = self.unpack("<Q", f"the length of {what}")
-            self.need(n, what)
-            self.f.seek(n, 1)
-        elif kind == _ARRAY and depth == 0:  # arrays of arrays exist in the spec, never in a model file
-            item, n = self.unpack("<IQ", f"the item type and length of {what}")
-            if item in _SCALAR_SIZE:
-                self.need(n * _SCALAR_SIZE[item], f"{what} ({n} items)")
-                self.f.seek(n * _SCALAR_SIZE[item], 1)
-            else:
-                self.need(n * 8, f"{what} ({n} items)")  # every string or array item has an 8-byte length
-                for _ in range(n):
-                    self.skip_value(item, what, depth + 1)
-        else:
-            self.fail(f"{what} has value type {kind}, expected 0..12 (or an array of arrays)")
+    def value(self, kind: int, what: str) -> tuple[object, list[int]]:
+        """One metadata value (a number, a bool, a str, or for ARRAY a list of them) and its value types:
+        [kind], or [ARRAY, item kind]."""
+        if kind in _SCALARS:
+            return self.unpack("<" + _SCALARS[kind][1], what)[0], [kind]
+        if kind == _STRING:
+            return self.string(what), [kind]
+        if kind != _ARRAY:
+            self.fail(f"{what} has value type {kind}, expected 0..12")
+        item, n = self.unpack("<IQ", f"the item type and length of {what}")
+        if item in _SCALARS:  # numbers in one read: a 262k-entry score table is one np.frombuffer
+            fmt = _SCALARS[item][1]
+            size = struct.calcsize(fmt)
+            self.need(n * size, f"{what} ({n} items)")
+            return np.frombuffer(self.f.read(n * size), "<" + fmt).tolist(), [kind, item]
+        if item != _STRING:  # arrays of arrays exist in the spec, never in a model file
+            self.fail(f"{what} has items of value type {item}, expected a number or a string")
+        self.need(n * 8, f"{what} ({n} items)")  # every string has an 8-byte length
+        return [self.string(f"item {i} of {what}") for i in range(n)], [kind, item]
 
 
-def check_gguf_header(path: Path) -> None:
-    """Validate a GGUF file's header against the file before the gguf reader maps or allocates anything.
+class GGUFField:
+    """One metadata entry: its value (`contents()`, as the gguf package names it) and value type(s)."""
 
-    The gguf package's GGUFReader trusts the header: a metadata array claiming 10^18 items makes it loop
-    (reading nothing past the end of the map) and grow lists without end. So first, in one pass over the
-    header (layout in docs/formats.md; llama.cpp ggml/src/gguf.cpp gguf_init_from_file does the same checks):
-    magic and version; counts that the file can hold; every string and array length within the file; known
-    value types; a power-of-two general.alignment; for each tensor at most 4 dims, a known ggml type with
-    whole blocks, an aligned offset, and bytes that lie inside the file and overlap no other tensor's.
+    def __init__(self, value, types: list[int]):
+        self.value, self.types = value, types
+
+    def contents(self):
+        return self.value
+
+
+class GGUFTensorInfo:
+    """One tensor: `shape` in GGUF order (fastest dim first), `tensor_type` (a GGML type id), and `data`, a view
+    of the memory-mapped file: typed for F32/F16 (NumPy shape), bytes (rows, bytes per row) for the rest."""
+
+    def __init__(self, name: str, shape: tuple[int, ...], tensor_type: int, data: np.ndarray):
+        self.name, self.shape, self.tensor_type, self.data = name, np.array(shape), tensor_type, data
+
+
+class GGUFFile:
+    """What minigemma reads of a GGUF file: `fields` (metadata by key) and `tensors` (GGUFTensorInfo)."""
+
+    def __init__(self, fields: dict[str, GGUFField], tensors: list[GGUFTensorInfo]):
+        self.fields, self.tensors = fields, tensors
+
+
+def check_gguf_header(path: Path) -> tuple[dict, list, int]:
+    """Read a GGUF file's header, validating it against the file before anything is mapped or allocated.
+
+    One pass over the header (layout in docs/formats.md; llama.cpp ggml/src/gguf.cpp gguf_init_from_file
+    does the same checks): magic and version; counts that the file can hold; every string and array length
+    within the file; known value types; a power-of-two general.alignment; for each tensor at most 4 dims, a
+    known ggml type with whole blocks, an aligned offset, and bytes that lie inside the file and overlap no
+    other tensor's. (The gguf package's GGUFReader trusts the header: a metadata array claiming 10^18 items
+    makes it loop and grow lists without end; it is also ~5x slower on a 262k-token vocabulary, parsing every
+    entry as its own small array. So minigemma reads the header itself.)
+
+    Returns (fields, [(name, GGUF dims, ggml type, absolute byte offset, byte count)], file size).
     """
-    import gguf
+    from .quants import GGML_BLOCK_SIZES
 
     size = path.stat().st_size
+    fields: dict[str, GGUFField] = {}
     with open(path, "rb") as f:
         r = _HeaderReader(f, size, path)
         magic = f.read(4)
@@ -106,22 +139,20 @@ def check_gguf_header(path: Path) -> None:
             r.fail(f"version {version}; only versions 2 and 3, little-endian, are supported")
         n_tensors, n_kv = r.unpack("<QQ", "the tensor and metadata counts")
         r.need(n_kv * 13, f"{n_kv} metadata entries")  # at least key length 8 + type 4 + a 1-byte value
-        alignment = gguf.GGUF_DEFAULT_ALIGNMENT
-        keys = set()
         for _ in range(n_kv):
             key = r.string("a metadata key")
-            if key in keys:
+            if key in fields:
                 r.fail(f"metadata {key} appears twice")
-            keys.add(key)
             (kind,) = r.unpack("<I", f"the type of metadata {key}")
-            if key == "general.alignment":
-                if kind != _UINT32:
-                    r.fail(f"general.alignment has value type {kind}, expected uint32 ({_UINT32})")
-                (alignment,) = r.unpack("<I", key)
-                if alignment == 0 or alignment & (alignment - 1):
-                    r.fail(f"general.alignment is {alignment}, expected a power of two")
-            else:
-                r.skip_value(kind, f"metadata {key}")
+            fields[key] = GGUFField(*r.value(kind, f"metadata {key}"))
+        alignment = DEFAULT_ALIGNMENT
+        if "general.alignment" in fields:
+            alignment = fields["general.alignment"].value
+            if fields["general.alignment"].types != [_UINT32]:
+                r.fail(f"general.alignment has value type {fields['general.alignment'].types[0]}, expected "
+                       f"uint32 ({_UINT32})")
+            if alignment == 0 or alignment & (alignment - 1):
+                r.fail(f"general.alignment is {alignment}, expected a power of two")
 
         r.need(n_tensors * 24, f"{n_tensors} tensor infos")  # name length 8, n_dims 4, type 4, offset 8
         infos = []
@@ -135,15 +166,15 @@ def check_gguf_header(path: Path) -> None:
             infos.append((name, dims, kind, offset))
         data_start = -(-f.tell() // alignment) * alignment  # tensor data begins at the next aligned byte
 
-    seen, spans = set(), []
+    seen, spans, tensors = set(), [], []
     for name, dims, kind, offset in infos:
         where = f"{path}: tensor {name}"
         if name in seen:
             raise ModelFileError(f"{where} appears twice")
         seen.add(name)
-        if kind not in set(map(int, gguf.GGML_QUANT_SIZES)):
+        if kind not in GGML_BLOCK_SIZES:
             raise ModelFileError(f"{where} has unknown ggml type {kind}")
-        block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
+        block, block_bytes = GGML_BLOCK_SIZES[kind]
         if dims[0] % block:
             raise ModelFileError(f"{where}: row length {dims[0]} is not a multiple of its block size {block}")
         nbytes = math.prod(dims) // block * block_bytes
@@ -153,34 +184,32 @@ def check_gguf_header(path: Path) -> None:
             raise ModelFileError(f"{where}: its {nbytes} bytes at offset {offset} run past the end of the file "
                                  f"({size - data_start} bytes of tensor data)")
         spans.append((offset, offset + nbytes, name))
+        tensors.append((name, dims, kind, data_start + offset, nbytes))
     spans.sort()
     for (_, end, name), (begin, _, other) in zip(spans, spans[1:]):
         if begin < end:
             raise ModelFileError(f"{path}: tensors {name} and {other} overlap")
+    return fields, tensors, size
 
 
-def open_gguf(path: Path):
-    """The gguf package's reader, with one speed-up (below), on a file whose header was checked first."""
-    import gguf  # imported here: it is only needed for GGUF files
+def open_gguf(path: Path) -> GGUFFile:
+    """Read a GGUF file: its metadata, checked (check_gguf_header), and its tensors as views of one read-only
+    memory map (nothing is read until used)."""
+    from .quants import GGML_BLOCK_SIZES
 
-    check_gguf_header(path)
-
-    class Reader(gguf.GGUFReader):
-        # GGUFReader slices its np.memmap about three million times to parse a 262k-token vocabulary, and
-        # every slice of the memmap subclass pays for __array_finalize__. A plain ndarray view of the same
-        # map (still no copy) parses about 3x faster: ~6 s -> ~2 s for the built-in model.
-        @property
-        def data(self):
-            return self._data
-
-        @data.setter
-        def data(self, value):
-            self._data = value.view(np.ndarray)
-
-    try:
-        return Reader(path)
-    except Exception as e:  # the reader raises ValueError/KeyError/struct errors of many kinds on bad files
-        raise ModelFileError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    fields, infos, size = check_gguf_header(path)
+    mapped = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray) if infos else None
+    tensors = []
+    for name, dims, kind, start, nbytes in infos:
+        raw = mapped[start:start + nbytes]
+        shape = tuple(int(d) for d in reversed(dims))  # NumPy order: slowest dim first
+        if kind in (0, 1):  # F32, F16: typed, as the gguf package gives them
+            data = raw.view("<f4" if kind == 0 else "<f2").reshape(shape)
+        else:  # bytes, one row of blocks per matrix row
+            block, block_bytes = GGML_BLOCK_SIZES[kind]
+            data = raw.reshape(shape[:-1] + (shape[-1] // block * block_bytes,))
+        tensors.append(GGUFTensorInfo(name, tuple(dims), kind, data))
+    return GGUFFile(fields, tensors)
 
 
 def field(reader, key: str, default=None):
@@ -196,8 +225,9 @@ def number(reader, key: str, path: Path, default=None, positive: bool = True):
     f = reader.fields.get(key)
     if f is None:
         return default
-    if len(f.types) != 1 or int(f.types[0]) not in _NUMBERS:
-        raise ModelFileError(f"{path}: metadata {key} is a {'/'.join(t.name for t in f.types)}, expected a number")
+    if len(f.types) != 1 or f.types[0] not in _NUMBERS:
+        raise ModelFileError(f"{path}: metadata {key} is a {'/'.join(_TYPE_NAMES[t] for t in f.types)}, "
+                             "expected a number")
     value = f.contents()
     if positive and not value > 0:  # also catches NaN
         raise ModelFileError(f"{path}: metadata {key} is {value}, expected a positive number")

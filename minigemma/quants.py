@@ -188,6 +188,17 @@ _TABLE = {
 SUPPORTED_TYPES: dict[int, str] = {type_id: row[0] for type_id, row in _TABLE.items()}
 
 
+def _all_block_sizes() -> dict[int, tuple[int, int]]:
+    """(elements, bytes) per block of every ggml type the gguf package knows, the ones we can't dequantize
+    too (a file may hold them; it is the loader's job to say which tensor has which unsupported type)."""
+    from gguf import GGML_QUANT_SIZES
+
+    return {int(t): sizes for t, sizes in GGML_QUANT_SIZES.items()}
+
+
+GGML_BLOCK_SIZES = _all_block_sizes()
+
+
 def _type_name(ggml_type: int) -> str:
     try:  # the gguf package knows every type's name; only used for the error message
         from gguf import GGMLQuantizationType
