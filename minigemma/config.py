@@ -31,6 +31,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import InvalidArgument, ModelFileError
+
 # The config.json files of Google's published checkpoints, shipped with the package (configs/README.md)
 PUBLISHED_CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -139,24 +141,24 @@ class GemmaConfig:
         path = Path(path)
         try:
             data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: cannot read config.json ({e})") from None
+        except (OSError, ValueError) as e:  # ValueError: bad JSON or not UTF-8
+            raise ModelFileError(f"{path}: cannot read config.json ({e})") from None
         try:
             return cls.from_hf_dict(data)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+        except (ValueError, TypeError, KeyError, ZeroDivisionError) as e:  # a field of the wrong kind or value
+            raise ModelFileError(f"{path}: {e}") from None
 
     @classmethod
     def from_hf_dict(cls, data: dict) -> "GemmaConfig":
         """Build a config from a config.json dict, legacy or current style."""
         if not isinstance(data, dict):
-            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+            raise InvalidArgument(f"expected a JSON object, got {type(data).__name__}")
         model_type = data.get("model_type")
         if model_type == "gemma3":  # multimodal Gemma 3 (4b+): the language model is in text_config
             data = {"model_type": "gemma3_text", **(data.get("text_config") or {})}
             model_type = "gemma3_text"
         if model_type not in MODEL_TYPES:
-            raise ValueError(f"model_type {model_type!r} is not a Gemma text model (expected one of "
+            raise InvalidArgument(f"model_type {model_type!r} is not a Gemma text model (expected one of "
                              f"{', '.join(MODEL_TYPES + ('gemma3',))})")
         # A field the file leaves out (or sets to null) takes transformers' default, except where null means
         # something: no soft-cap, no window.
@@ -171,12 +173,12 @@ class GemmaConfig:
         act = data.get("hidden_act" if model_type == "gemma" else "hidden_activation") or "gelu_pytorch_tanh"
         tanh_gelu = ("gelu_pytorch_tanh", "gelu_new") + (("gelu",) if model_type == "gemma" else ())
         if act not in tanh_gelu:
-            raise ValueError(f"hidden activation {act!r} is not supported (Gemma uses tanh GELU: "
+            raise InvalidArgument(f"hidden activation {act!r} is not supported (Gemma uses tanh GELU: "
                              f"{', '.join(tanh_gelu)})")
         if data.get("use_bidirectional_attention"):
-            raise ValueError("use_bidirectional_attention=true (an encoder variant) is not supported")
+            raise InvalidArgument("use_bidirectional_attention=true (an encoder variant) is not supported")
         if data.get("tie_word_embeddings") is False:
-            raise ValueError("tie_word_embeddings=false is not supported: every Gemma ties its LM head")
+            raise InvalidArgument("tie_word_embeddings=false is not supported: every Gemma ties its LM head")
 
         n = d["num_hidden_layers"]
         layer_types = d.get("layer_types")
@@ -188,9 +190,9 @@ class GemmaConfig:
                 layer_types = [SLIDING if (i + 1) % pattern else FULL for i in range(n)]
         layer_types = tuple(layer_types)
         if len(layer_types) != n or not set(layer_types) <= {SLIDING, FULL}:
-            raise ValueError(f"layer_types must list {n} entries of {SLIDING!r}/{FULL!r}, got {layer_types}")
+            raise InvalidArgument(f"layer_types must list {n} entries of {SLIDING!r}/{FULL!r}, got {layer_types}")
         if SLIDING in layer_types and not d.get("sliding_window"):
-            raise ValueError("sliding layers need a sliding_window")
+            raise InvalidArgument("sliding layers need a sliding_window")
 
         eos = d.get("eos_token_id", 1)
         return cls(
@@ -225,7 +227,7 @@ def published_config(name: str) -> GemmaConfig:
     path = PUBLISHED_CONFIGS / f"{name}.json"
     if not path.exists():
         names = ", ".join(sorted(p.stem for p in PUBLISHED_CONFIGS.glob("*.json")))
-        raise ValueError(f"no published config named {name!r} (expected one of {names})")
+        raise InvalidArgument(f"no published config named {name!r} (expected one of {names})")
     return GemmaConfig.from_json(path)
 
 
@@ -251,7 +253,7 @@ def _read_rope(model_type: str, d: dict) -> dict[str, Rope]:
     for layer_type, p in per_type.items():
         kind = p.get("rope_type", p.get("type", "default"))
         if kind not in ("default", "linear"):
-            raise ValueError(f"rope type {kind!r} ({layer_type}) is not supported (only default and linear)")
+            raise InvalidArgument(f"rope type {kind!r} ({layer_type}) is not supported (only default and linear)")
         default_theta = d["rope_theta"] if layer_type == FULL else d.get("rope_local_base_freq", d["rope_theta"])
         rope[layer_type] = Rope(theta=float(p.get("rope_theta", default_theta)),
                                 factor=float(p.get("factor", 1.0)) if kind == "linear" else 1.0)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from numbers import Integral, Real
 from typing import Iterator
 
 import numpy as np
 
+from .errors import ContextOverflow, InvalidArgument
 from .sampling import apply_repetition_penalty, sample_token
 
 
@@ -33,11 +35,18 @@ class Sampling:
 
     def __post_init__(self):
         """Check every value now, not at the first token: run the sampling functions once on dummy logits
-        (they own the checks and raise a ValueError naming the parameter)."""
-        if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.seed is not None and self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        (they own the checks and raise an InvalidArgument naming the parameter)."""
+        if not isinstance(self.max_new_tokens, Integral) or self.max_new_tokens < 0:
+            raise InvalidArgument(f"max_new_tokens must be a whole number >= 0, got {self.max_new_tokens!r}")
+        if self.seed is not None and (not isinstance(self.seed, Integral) or self.seed < 0):
+            raise InvalidArgument(f"seed must be a whole number >= 0 or None, got {self.seed!r}")
+        if not isinstance(self.top_k, Integral):
+            raise InvalidArgument(f"top_k must be a whole number, got {self.top_k!r}")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            if not (isinstance(getattr(self, name), Real) and np.isfinite(getattr(self, name))):
+                raise InvalidArgument(f"{name} must be a finite number, got {getattr(self, name)!r}")
+        if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
+            raise InvalidArgument(f"stop must be a tuple of strings, got {self.stop!r}")
         dummy = np.zeros(2, np.float32)
         apply_repetition_penalty(dummy, [], self.repetition_penalty)
         sample_token(dummy, np.random.default_rng(0), temperature=self.temperature)
@@ -71,25 +80,35 @@ PREFILL_CHUNK = 512  # prompt tokens per prefill step: bounds the (T, S) score m
 
 
 def generate_ids(model, prompt_ids, sampling: Sampling, stop_ids=(), stats: Stats | None = None,
-                 vocab_size: int | None = None) -> Iterator[int]:
+                 vocab_size: int | None = None, cache=None) -> Iterator[int]:
     """Yield new token ids: prefill the prompt through the cache, then one decode step per token.
 
     `vocab_size` limits sampling to ids below it: Gemma 3 4B+ embeddings have 64 rows more than the
     tokenizer has pieces (image tokens), and an id the tokenizer can't decode must never be drawn.
+
+    `cache`: continue a sequence the cache already holds (a chat's earlier turns); `prompt_ids` are then only
+    the new tokens, and the repetition penalty sees only them and the reply. What went into the cache is
+    always the first `cache.length` tokens of (earlier tokens + prompt_ids + yielded ids): a stop id is never
+    fed, nor the last yielded id (its logits aren't needed), nor one the caller stopped at by not resuming.
     """
     stats = stats if stats is not None else Stats()
-    prompt_ids = [int(i) for i in prompt_ids]
+    try:
+        prompt_ids = [int(i) for i in prompt_ids]
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"prompt_ids must be a sequence of token ids (ints), got {prompt_ids!r:.60}") from None
     context = model.config.max_position_embeddings
+    cache = model.new_cache() if cache is None else cache
     if not prompt_ids:
-        raise ValueError("the prompt is empty (no tokens)")
-    if len(prompt_ids) >= context:
-        raise ValueError(f"the prompt is {len(prompt_ids)} tokens; the context window is {context} tokens")
+        raise InvalidArgument("the prompt is empty (no tokens)")
+    if cache.length + len(prompt_ids) >= context:
+        held = f" after the {cache.length} already in the cache" if cache.length else ""
+        raise ContextOverflow(f"the prompt is {len(prompt_ids)} tokens{held}; the context window is {context} "
+                              "tokens")
     stats.prompt_tokens = len(prompt_ids)
     rng = np.random.default_rng(sampling.seed)
     history = list(prompt_ids)  # what the repetition penalty looks at (prompt included, as in transformers)
     stop_ids = set() if sampling.ignore_eos else set(stop_ids)
 
-    cache = model.new_cache()
     start = time.perf_counter()
     # Prefill in chunks: the result is the same as one big step (the cache makes continuation exact), but
     # the attention scores of a long prompt stay (H, 512, S) instead of (H, T, T).
@@ -224,7 +243,7 @@ def chat_prompt(messages: list[dict] | str, system: str | None = None) -> str:
     for i, m in enumerate(messages):
         role = {"assistant": "model"}.get(m["role"], m["role"])
         if role != ("user" if i % 2 == 0 else "model"):
-            raise ValueError(f"message {i} has role {m['role']!r}: roles must alternate user/model, "
+            raise InvalidArgument(f"message {i} has role {m['role']!r}: roles must alternate user/model, "
                              "starting with user (a system message may come first)")
         content = (prefix if i == 0 else "") + m["content"].strip()
         parts.append(f"<start_of_turn>{role}\n{content}<end_of_turn>\n")

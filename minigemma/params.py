@@ -12,12 +12,17 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
+from . import kernels
 from .config import GemmaConfig
+from .errors import ModelFileError
+from .weights import StoredTensor, nbytes, storage_for, to_weight
 
 
 @dataclass
 class LayerParams:
-    """One transformer block. Norm weights are zero-centred: the norm multiplies by (1 + w)."""
+    """One transformer block. Norm weights are zero-centred: the norm multiplies by (1 + w).
+
+    Matrices are float32 ndarrays in the reference, or any weight type of weights.py; norms are float32."""
 
     input_norm: np.ndarray  # (D,)         before attention
     q_proj: np.ndarray  # (H*Dh, D)
@@ -99,29 +104,38 @@ LAYER_TENSORS = (
 LAYER_PREFIX = {"hf": "model.layers.{}.", "gguf": "blk.{}."}
 
 
-def build_params(config: GemmaConfig, tensors: Mapping[str, Callable[[], np.ndarray]], column: str,
-                 source: str, ignore: Iterable[str] = ()) -> Params:
+def build_params(config: GemmaConfig, tensors: Mapping[str, StoredTensor], column: str, source: str,
+                 ignore: Iterable[str] = (), quantize: str | None = None, dtype: str | None = None,
+                 done: Callable[[], None] = lambda: None) -> Params:
     """Fill Params from a file's tensors, by the names in one column ("hf" or "gguf") of the table.
 
-    `tensors` maps each name in the file to a function that reads that tensor as float32 (so nothing is read
-    until it is needed). A missing tensor, a wrong shape, or a tensor the table does not name (other than
-    those in `ignore`) is an error naming it: a silent mismatch here would give a model that runs and talks
-    nonsense.
+    `tensors` maps each name in the file to a StoredTensor (weights.py): its shape is checked before anything
+    is read, then it is read straight into its storage (float32, or `quantize` / `dtype` for matrices), one
+    tensor at a time, so no float32 copy of the whole model ever exists. A missing tensor, a wrong shape, or
+    a tensor the table does not name (other than those in `ignore`) is an error naming it: a silent mismatch
+    here would give a model that runs and talks nonsense. `done` is called after each tensor (progress bars).
     """
     used: set[str] = set()
 
-    def fetch(spec: TensorSpec, layer: int | None) -> np.ndarray:
+    def fetch(spec: TensorSpec, layer: int | None):
         name = getattr(spec, column)
         if layer is not None:
             name = LAYER_PREFIX[column].format(layer) + name
         if name not in tensors:
-            raise ValueError(f"{source}: tensor {name} is missing")
-        array = tensors[name]()
-        if tuple(array.shape) != spec.shape(config):
-            raise ValueError(f"{source}: tensor {name} has shape {tuple(array.shape)}, "
-                             f"expected {spec.shape(config)}")
+            raise ModelFileError(f"{source}: tensor {name} is missing")
+        t = tensors[name]
+        if tuple(t.shape) != spec.shape(config):
+            raise ModelFileError(f"{source}: tensor {name} has shape {tuple(t.shape)}, expected {spec.shape(config)}")
         used.add(name)
-        return array
+        try:
+            weight = to_weight(t, storage_for(spec.field, quantize, dtype))
+        except ModelFileError:
+            raise
+        except ValueError as e:  # e.g. a GGML type we can't dequantize, or a width int8 can't group
+            raise ModelFileError(f"{source}: tensor {name}: {e}") from None
+        weight = kernels.prepare(weight)  # the layout the backend's kernels read best (kernels_numba.prepare)
+        done()
+        return weight
 
     top = {s.field: fetch(s, None) for s in MODEL_TENSORS}
     layers = [LayerParams(**{s.field: fetch(s, i) for s in LAYER_TENSORS if s.when(config)})
@@ -129,5 +143,11 @@ def build_params(config: GemmaConfig, tensors: Mapping[str, Callable[[], np.ndar
     unexpected = sorted(set(tensors) - used - set(ignore))
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        raise ValueError(f"{source}: unexpected tensor {unexpected[0]}{more}")
+        raise ModelFileError(f"{source}: unexpected tensor {unexpected[0]}{more}")
     return Params(layers=layers, **top)
+
+
+def params_nbytes(params: Params) -> int:
+    """Bytes of all weights as held in memory (a memory-mapped view counts as what it would occupy)."""
+    arrays = [params.embed, params.final_norm] + [w for layer in params.layers for w in vars(layer).values()]
+    return sum(nbytes(w) for w in arrays if w is not None)

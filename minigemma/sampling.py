@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import layers
+from .errors import InvalidArgument
 
 f32 = np.float32
 
@@ -25,7 +26,7 @@ def _as_logits(logits) -> np.ndarray:
     """The logits as a 1-D float32 array (no copy if they already are one)."""
     logits = np.asarray(logits, dtype=f32)
     if logits.ndim != 1:
-        raise ValueError(f"logits must be 1-D (V,), got shape {logits.shape}")
+        raise InvalidArgument(f"logits must be 1-D (V,), got shape {logits.shape}")
     return logits
 
 
@@ -38,7 +39,7 @@ def softmax(logits) -> np.ndarray:
     """
     logits = _as_logits(logits)
     if not np.isfinite(logits.max()):
-        raise ValueError(f"softmax needs a finite largest logit, got {logits.max()}")
+        raise InvalidArgument(f"softmax needs a finite largest logit, got {logits.max()}")
     return layers.softmax(logits)
 
 
@@ -57,11 +58,11 @@ def apply_repetition_penalty(logits, previous_ids, penalty: float) -> np.ndarray
     Shapes: (V,), (N,) int -> (V,)
     """
     if not penalty > 0:
-        raise ValueError(f"penalty must be > 0, got {penalty}")
+        raise InvalidArgument(f"penalty must be > 0, got {penalty}")
     logits = _as_logits(logits)
     ids = np.unique(np.asarray(previous_ids, dtype=np.int64))
     if ids.size and ids[0] < 0:
-        raise ValueError(f"previous_ids must be non-negative token ids, got {ids[0]}")
+        raise InvalidArgument(f"previous_ids must be non-negative token ids, got {ids[0]}")
     ids = ids[ids < logits.shape[0]]
     out = logits.copy()
     seen = out[ids]
@@ -78,7 +79,7 @@ def apply_temperature(logits, temperature: float) -> np.ndarray:
     Shapes: (V,) -> (V,)
     """
     if not temperature > 0:
-        raise ValueError(f"temperature must be > 0 here (use sample_token for greedy), got {temperature}")
+        raise InvalidArgument(f"temperature must be > 0 here (use sample_token for greedy), got {temperature}")
     return _as_logits(logits) / f32(temperature)
 
 
@@ -115,7 +116,7 @@ def top_p_filter(logits, p: float) -> np.ndarray:
     Shapes: (V,) -> (V,)
     """
     if not 0 < p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {p}")
+        raise InvalidArgument(f"top_p must be in (0, 1], got {p}")
     logits = _as_logits(logits)
     if p >= 1:
         return logits.copy()  # transformers does not even add the warper for top_p = 1
@@ -140,7 +141,7 @@ def min_p_filter(logits, min_p: float) -> np.ndarray:
     Shapes: (V,) -> (V,)
     """
     if not 0 <= min_p <= 1:
-        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
+        raise InvalidArgument(f"min_p must be in [0, 1], got {min_p}")
     logits = _as_logits(logits)
     if min_p == 0:
         return logits.copy()
@@ -160,7 +161,7 @@ def sample_token(logits, rng: np.random.Generator, *, temperature=1.0, top_k=0, 
     Shapes: (V,) -> scalar int
     """
     if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+        raise InvalidArgument(f"temperature must be >= 0, got {temperature}")
     logits = _as_logits(logits)
     if temperature == 0:
         return int(np.argmax(logits))

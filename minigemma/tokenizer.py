@@ -38,6 +38,8 @@ from pathlib import Path
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb
 
+from .errors import InvalidArgument, ModelFileError, TokenIdOutOfRange, UnknownToken
+
 # Piece types. SentencePiece's `ModelProto.SentencePiece.Type` and llama.cpp's `tokenizer.ggml.token_type`
 # (gguf `constants.py` `TokenType`) use the same numbers, so GGUF types copy straight across.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -59,7 +61,7 @@ class Tokenizer:
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
         except RuntimeError as e:  # e.g. "there are not 256 byte pieces although byte_fallback is true"
-            raise ValueError(f"not a usable SentencePiece vocabulary ({e})") from None
+            raise ModelFileError(f"not a usable SentencePiece vocabulary ({e})") from None
 
         self._pieces: list[str] = [p.piece for p in proto.pieces]  # id -> piece, SentencePiece spelling
         self._ids: dict[str, int] = {piece: i for i, piece in enumerate(self._pieces)}
@@ -89,18 +91,29 @@ class Tokenizer:
         try:
             proto.ParseFromString(Path(path).read_bytes())
         except Exception as e:  # protobuf's DecodeError
-            raise ValueError(f"not a SentencePiece model file ({type(e).__name__})") from None
+            raise ModelFileError(f"not a SentencePiece model file ({type(e).__name__})") from None
         return cls(proto)
 
     @classmethod
     def from_gguf(cls, reader) -> "Tokenizer":
         """Build the tokenizer from a `gguf.GGUFReader`'s `tokenizer.ggml.*` metadata (no files written)."""
-        return cls(model_proto_from_gguf(reader))
+        try:
+            return cls(model_proto_from_gguf(reader))
+        except (TypeError, AttributeError, OverflowError) as e:  # arrays of the wrong kind in a broken file
+            raise ModelFileError(f"tokenizer metadata tokenizer.ggml.* is malformed ({type(e).__name__}: {e})") \
+                from None
 
     # ------------------------------------------------------------------------------------------------ encode
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Text -> token ids. Special pieces written in the text become single ids; <bos> first if add_bos."""
+        if not isinstance(text, str):
+            raise InvalidArgument(f"encode needs a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate, e.g. from os.fsdecode of bytes that aren't UTF-8
+            raise InvalidArgument(f"the text has a character that is not valid Unicode ({text[e.start]!r} at "
+                                  f"index {e.start})") from None
         ids = [self.bos_id] if add_bos else []
         start = 0
         for m in self._special_re.finditer(text):
@@ -130,7 +143,7 @@ class Tokenizer:
         run = bytearray()  # pending byte-fallback bytes
         for i in ids:
             if not 0 <= i < self.vocab_size:
-                raise IndexError(f"token id {i} is outside the vocabulary (0..{self.vocab_size - 1})")
+                raise TokenIdOutOfRange(f"token id {i} is outside the vocabulary (0..{self.vocab_size - 1})")
             if i in self._byte_value:
                 run.append(self._byte_value[i])
                 continue
@@ -149,7 +162,7 @@ class Tokenizer:
         try:
             return self._ids[piece]
         except KeyError:
-            raise KeyError(f"{piece!r} is not a piece of this {self.vocab_size}-piece vocabulary") from None
+            raise UnknownToken(f"{piece!r} is not a piece of this {self.vocab_size}-piece vocabulary") from None
 
     def is_byte(self, i: int) -> bool:
         """Whether id i is a byte-fallback piece (<0x00>..<0xFF>), one byte of a character's UTF-8."""
@@ -157,7 +170,7 @@ class Tokenizer:
 
     def id_to_piece(self, i: int) -> str:
         if not 0 <= i < self.vocab_size:
-            raise IndexError(f"token id {i} is outside the vocabulary (0..{self.vocab_size - 1})")
+            raise TokenIdOutOfRange(f"token id {i} is outside the vocabulary (0..{self.vocab_size - 1})")
         return self._pieces[i]
 
 
@@ -171,14 +184,14 @@ def model_proto_from_gguf(reader) -> sp_pb.ModelProto:
     meta = {name: field.contents() for name, field in reader.fields.items() if name.startswith("tokenizer.ggml.")}
     kind = meta.get("tokenizer.ggml.model")
     if kind != "llama":  # llama.cpp's name for a SentencePiece vocabulary
-        raise ValueError(f"not a SentencePiece vocabulary: tokenizer.ggml.model = {kind!r}")
+        raise ModelFileError(f"not a SentencePiece vocabulary: tokenizer.ggml.model = {kind!r}")
     if meta.get("tokenizer.ggml.add_space_prefix", False):
-        raise ValueError("tokenizer.ggml.add_space_prefix is true, but Gemma's tokenizer never adds a space "
+        raise ModelFileError("tokenizer.ggml.add_space_prefix is true, but Gemma's tokenizer never adds a space "
                          "prefix (llama.cpp's Gemma converter writes false)")
 
     def need(key):
         if f"tokenizer.ggml.{key}" not in meta:
-            raise ValueError(f"tokenizer metadata tokenizer.ggml.{key} is missing")
+            raise ModelFileError(f"tokenizer metadata tokenizer.ggml.{key} is missing")
         return meta[f"tokenizer.ggml.{key}"]
 
     pieces, scores, types = need("tokens"), need("scores"), need("token_type")

@@ -104,3 +104,19 @@ def test_installed_console_script():
     assert exe, "the `minigemma` command is not on PATH (pip install -e . installs it)"
     result = subprocess.run([exe, "generate", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--max-new-tokens" in result.stdout
+
+
+def test_stats_report_weight_bytes_and_time_to_first_token(real_model):
+    """--stats says how the weights are stored and what they occupy: float32 with --quantize none (the library's
+    default load), about 3.5x less as int8, less again as int4; and how long the user waited for text."""
+    reports = {}
+    for quantize in ("none", "int8", "int4"):
+        result = run("generate", "Hello", "--max-new-tokens", "2", "--quantize", quantize, "--stats")
+        assert result.returncode == 0, result.stderr
+        reports[quantize] = json.loads(result.stderr.strip().splitlines()[-1])
+    assert reports["none"]["weight_bytes"] == real_model.nbytes
+    assert reports["none"]["quantize"] is None and reports["int8"]["quantize"] == "int8"
+    assert 3 < reports["none"]["weight_bytes"] / reports["int8"]["weight_bytes"] < 4
+    assert reports["int4"]["weight_bytes"] < reports["int8"]["weight_bytes"]
+    for r in reports.values():
+        assert r["load_s"] < r["time_to_first_token_s"], r  # loading is part of the wait

@@ -150,12 +150,6 @@ def test_transformers_reads_the_same_gguf(cases, name):
 
 # ---- 3. quantized files ---------------------------------------------------------------------------------
 
-# How much these tiny random models amplify the largest relative weight error into a relative logit error.
-# Measured: 2-13x for F16 and BF16, 7-40x for Q8_0 (its rounding step is as large on a block's small weights
-# as on its largest, so more weights move), the most on gemma2, whose final cap of 2 keeps the logits small.
-AMPLIFICATION = 100
-
-
 @pytest.mark.parametrize("qtype", [Q.F16, Q.BF16, Q.Q8_0], ids=lambda q: q.name)
 @pytest.mark.parametrize("name", BASE_CASES)
 def test_quantized_gguf(cases, name, qtype, tmp_path):
@@ -177,12 +171,10 @@ def test_quantized_gguf(cases, name, qtype, tmp_path):
     ours = minigemma.load(path, progress=False).forward(c.ids)
     assert np.array_equal(ours, expected)
 
-    # the error against F32 is there (quantized data was used) and of the size the format implies: the
-    # largest relative error of any matrix, times what the model amplifies it by
-    state = c.hf.state_dict()
-    weight_err = max(rel_err(w, state[n].numpy()) for n, w in weights.items() if w.ndim == 2)
-    err = rel_err(ours, c.gguf_load.forward(c.ids))
-    assert 0 < err < AMPLIFICATION * weight_err, (err, weight_err)
+    # The exact comparison above is the test of the loader. What quantization does to the logits is a
+    # property of the format (tests/test_quants.py bounds it element by element), so here only: the file's
+    # quantized data was really used, not a float32 copy.
+    assert not np.array_equal(ours, c.gguf_load.forward(c.ids))
 
 
 # ---- 4. errors ------------------------------------------------------------------------------------------

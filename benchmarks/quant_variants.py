@@ -1,0 +1,76 @@
+"""Which 4-bit scheme should `quantize="int4"` be? Measures the candidates on the built-in model.
+
+Each candidate requantizes the float32 reference's matrices with the gguf package's own quantizers (Q4_0:
+symmetric, a scale per 32; Q4_1: a scale and a minimum per 32; Q8_0 for comparison), dequantizes them back to
+float32 (so every candidate runs at BLAS speed; the numbers are the same as with the int4 kernels, which
+compute on exactly these values), and scores the same windows of the reference text against the reference:
+mean KL divergence, top-1 agreement, perplexity.
+
+    python benchmarks/quant_variants.py [--tokens 2048] [--context 512]
+
+Prints a Markdown table (the one in docs/quantization.md came from this script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+from gguf import quants as gguf_quants
+
+import minigemma
+from minigemma.perplexity import perplexity, reference_text
+
+# name -> (type for the layer matrices, type for the tied embedding / head); None keeps float32
+CANDIDATES = {
+    "int8 (Q8_0) everywhere": (Q.Q8_0, Q.Q8_0),
+    "Q4_0 everywhere": (Q.Q4_0, Q.Q4_0),
+    "Q4_0, embedding Q8_0": (Q.Q4_0, Q.Q8_0),
+    "Q4_1 everywhere": (Q.Q4_1, Q.Q4_1),
+    "Q4_1, embedding Q8_0 (minigemma's int4)": (Q.Q4_1, Q.Q8_0),
+}
+BYTES_PER_WEIGHT = {Q.Q8_0: 34 / 32, Q.Q4_0: 18 / 32, Q.Q4_1: 20 / 32}
+
+
+def requantized(w: np.ndarray, qtype) -> np.ndarray:
+    return gguf_quants.dequantize(gguf_quants.quantize(w, qtype), qtype).astype(np.float32)
+
+
+def variant(model, layer_type, embed_type):
+    p = model.params
+    layers = [dataclasses.replace(layer, **{f: requantized(w, layer_type) for f, w in vars(layer).items()
+                                            if w is not None and w.ndim == 2})
+              for layer in p.layers]
+    params = dataclasses.replace(p, embed=requantized(p.embed, embed_type), layers=layers)
+    return minigemma.Gemma(model.config, params, model.tokenizer)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--context", type=int, default=512)
+    args = ap.parse_args()
+
+    reference = minigemma.load(progress=False)
+    ids = reference.tokenizer.encode(reference_text(), add_bos=False)[:args.tokens]
+    n_embed = reference.params.embed.size
+    n_layers = reference.config.num_parameters - n_embed
+    print(f"{len(ids)} tokens of pydoc_data.topics, context {args.context}, stride {args.context // 2}\n")
+    print("| scheme | bytes/weight (whole model) | mean KL | top-1 agreement | perplexity |")
+    print("|---|---|---|---|---|")
+    base = perplexity(reference, ids, context=args.context)
+    print(f"| float32 reference | 4 | 0 | 100% | {base.perplexity:.3f} |")
+    for name, (layer_type, embed_type) in CANDIDATES.items():
+        start = time.perf_counter()
+        r = perplexity(variant(reference, layer_type, embed_type), ids, context=args.context, reference=reference)
+        size = (n_layers * BYTES_PER_WEIGHT[layer_type] + n_embed * BYTES_PER_WEIGHT[embed_type]) / (n_layers + n_embed)
+        d = r.as_dict()
+        print(f"| {name} | {size:.3f} | {d['mean_kl']:.4f} | {d['top1_agreement']:.1%} | {r.perplexity:.3f} |"
+              f"  <!-- {time.perf_counter() - start:.0f} s -->", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,419 @@
+"""Weight matrices as plain data: how each storage type holds an (out, in) matrix, and how to read rows back.
+
+    type        held as                                           bytes/weight   where it comes from
+    float32     a plain np.ndarray (out, in)                      4              the reference
+    bfloat16    Float16Bits: uint16 bit patterns (out, in)        2              HF checkpoints' usual dtype
+    float16     Float16Bits: np.float16 (out, in)                 2
+    int8        Int8: int8 q (out, in/32, 32) + fp16 scale d      1.0625         = GGUF Q8_0, bit for bit
+    int4        Int4: nibbles (out, in/32, 16) + fp16 d and m     0.625          = GGUF Q4_1's layout
+
+Each type knows its logical `shape` (out, in) and `nbytes`, and has `rows(start, stop)`: the float32 values of
+a block of rows. That is the readable definition of the format, and what the NumPy kernels use (kernels.py
+dequantizes a block of rows, multiplies, moves on: a whole matrix is never widened at once).
+
+int8 is symmetric, one scale per group of 32 along the input dimension: x = d * q, d = max|x| / 127. It is
+llama.cpp's Q8_0 (ggml-quants.c quantize_row_q8_0_ref), so a Q8_0 tensor of a GGUF file is used as stored: `q`
+and `d` are views of the memory-mapped file, nothing is copied or requantized.
+
+int4 is asymmetric, a scale and a minimum per group of 32: x = d * q + m, q in 0..15. It is llama.cpp's Q4_1
+layout, with d and m chosen by least squares (Int4.from_float). Measured on the built-in model
+(docs/quantization.md) it is clearly better than the symmetric Q4_0 layout, for 1/16 byte more per weight. The tied embedding / LM
+head stays int8 under "int4" (see loading.py): it is the most sensitive matrix, and llama.cpp's own Q4_K_M
+file of the built-in model keeps it at Q8_0 too.
+"""
+
+from __future__ import annotations
+
+import mmap
+from dataclasses import dataclass
+
+import numpy as np
+
+from .quants import bf16_to_f32
+
+GROUP = 32  # weights per scale, along the input dimension
+
+
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounding to nearest even as torch does.
+
+    bfloat16 is the top 16 bits of a float32. Rounding: add 0x7FFF plus the lowest kept bit, then cut
+    (NaN stays NaN: its top bits are kept as they are)."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        rounded[nan] = (bits[nan] >> 16).astype(np.uint16) | np.uint16(0x40)
+    return rounded
+
+
+@dataclass
+class Float16Bits:
+    """A matrix stored in 16 bits: bfloat16 (as uint16 bit patterns: NumPy has no bfloat16) or float16."""
+
+    data: np.ndarray  # (out, in) uint16 (bfloat16 bits) or float16
+    dtype: str  # "bfloat16" or "float16"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.data.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Shapes: -> (stop - start, in) float32"""
+        block = self.data[start:stop]
+        return bf16_to_f32(block) if self.dtype == "bfloat16" else block.astype(np.float32)
+
+    @classmethod
+    def from_float(cls, x: np.ndarray, dtype: str) -> "Float16Bits":
+        return cls(f32_to_bf16(x) if dtype == "bfloat16" else x.astype(np.float16), dtype)
+
+
+@dataclass
+class Int8:
+    """Symmetric int8, one fp16 scale per group of 32 inputs: row r, group g holds x = d[r, g] * q[r, g, :]."""
+
+    q: np.ndarray  # (out, in/32, 32) int8
+    d: np.ndarray  # (out, in/32) float16
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        out, groups, _ = self.q.shape
+        return out, groups * GROUP
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.size + 2 * self.d.size
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Shapes: -> (stop - start, in) float32"""
+        q = self.q[start:stop].astype(np.float32)  # (R, G, 32)
+        q *= self.d[start:stop, :, None].astype(np.float32)
+        return q.reshape(stop - start, -1)
+
+    @classmethod
+    def from_float(cls, x: np.ndarray) -> "Int8":
+        """Quantize (out, in) float32, as llama.cpp's quantize_row_q8_0_ref: d = amax / 127 (stored as fp16),
+        q = round(x / d) with the float32 d."""
+        groups = _groups(x)  # (out, G, 32)
+        d = np.abs(groups).max(axis=-1) / np.float32(127)  # (out, G)
+        inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
+        q = _round_half_away(groups * inv[..., None]).astype(np.int8)  # |x| / d <= 127: no clipping needed
+        return cls(q, d.astype(np.float16))
+
+    @classmethod
+    def from_q8_0(cls, data: np.ndarray, shape: tuple[int, int]) -> "Int8":
+        """A view of GGUF Q8_0 bytes (out, in/32 * 34), no copy: each 34-byte block is d (fp16) then 32 int8."""
+        blocks = data.reshape(shape[0], shape[1] // GROUP, 34)
+        return cls(q=blocks[..., 2:].view(np.int8), d=blocks[..., :2].view("<f2")[..., 0])
+
+
+@dataclass
+class Int4:
+    """Asymmetric 4-bit, per group of 32 inputs a fp16 scale d and minimum m: x = d * q + m, q in 0..15.
+
+    Two weights per byte, as ggml packs them: byte j of a group holds element j in its low nibble and
+    element j + 16 in its high nibble."""
+
+    nibbles: np.ndarray  # (out, in/32, 16) uint8
+    d: np.ndarray  # (out, in/32) float16
+    m: np.ndarray  # (out, in/32) float16
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        out, groups, _ = self.nibbles.shape
+        return out, groups * GROUP
+
+    @property
+    def nbytes(self) -> int:
+        return self.nibbles.size + 2 * self.d.size + 2 * self.m.size
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Shapes: -> (stop - start, in) float32"""
+        b = self.nibbles[start:stop]
+        q = np.concatenate([b & 0x0F, b >> 4], axis=-1).astype(np.float32)  # (R, G, 32)
+        q *= self.d[start:stop, :, None].astype(np.float32)
+        q += self.m[start:stop, :, None].astype(np.float32)
+        return q.reshape(stop - start, -1)
+
+    @classmethod
+    def from_float(cls, x: np.ndarray) -> "Int4":
+        """Quantize (out, in) float32 to the Q4_1 layout, choosing each group's d and m by least squares.
+
+        llama.cpp's reference Q4_1 quantizer (quantize_row_q4_1_ref) just spans the group: d = (max - min)/15,
+        m = min. Here, as in llama.cpp's K-quant quantizers (make_qkx2_quants), a few grids slightly finer or
+        coarser than that are tried; for each, the levels q are assigned, then d and m are refit by least
+        squares, min sum (x - d q - m)^2, and the grid with the smallest error wins (the plain span is the
+        baseline, so no group gets worse). On the built-in model this cuts the squared error by ~20% on
+        tensors stored as Q5_0/Q6_K, and recovers a Q4_K tensor's grid almost exactly (its 32-weight
+        sub-blocks are already d q + m)."""
+        groups = _groups(x)  # (out, G, 32)
+        lo, hi = groups.min(axis=-1, keepdims=True), groups.max(axis=-1, keepdims=True)  # (out, G, 1)
+        span = np.where(hi > lo, hi - lo, np.float32(1))
+        best_d, best_m = _fp16_round((hi - lo) / np.float32(15)), _fp16_round(lo)
+        best_err = _q4_error(groups, best_d, best_m)
+        n = np.float32(GROUP)
+        for k in (-2, -1, 0, 1):  # 13, 14, 15, 16 steps across the group's span
+            q = np.clip(np.rint((groups - lo) * (np.float32(15 + k) / span)), 0, 15)
+            sq, sqq = q.sum(-1, keepdims=True), (q * q).sum(-1, keepdims=True)
+            sx, sqx = groups.sum(-1, keepdims=True), (q * groups).sum(-1, keepdims=True)
+            det = n * sqq - sq * sq  # 0 when every q is the same: no slope to fit
+            d = np.where(det > 0, (n * sqx - sq * sx) / np.where(det > 0, det, 1), 0)
+            d, m = _fp16_round(d), _fp16_round((sx - d * sq) / n)
+            err = _q4_error(groups, d, m)
+            better = err < best_err
+            best_d, best_m, best_err = (np.where(better, d, best_d), np.where(better, m, best_m),
+                                        np.where(better, err, best_err))
+        q = _q4_levels(groups, best_d, best_m).astype(np.uint8)
+        return cls(q[..., :16] | (q[..., 16:] << 4), best_d[..., 0].astype(np.float16),
+                   best_m[..., 0].astype(np.float16))
+
+    @classmethod
+    def from_q4_1(cls, data: np.ndarray, shape: tuple[int, int]) -> "Int4":
+        """A view of GGUF Q4_1 bytes (out, in/32 * 20), no copy: d (fp16), m (fp16), 16 bytes of nibbles."""
+        blocks = data.reshape(shape[0], shape[1] // GROUP, 20)
+        return cls(nibbles=blocks[..., 4:], d=blocks[..., :2].view("<f2")[..., 0],
+                   m=blocks[..., 2:4].view("<f2")[..., 0])
+
+
+def _fp16_round(x: np.ndarray) -> np.ndarray:
+    """x rounded to the fp16 value it will be stored as, back in float32."""
+    return x.astype(np.float16).astype(np.float32)
+
+
+def _q4_levels(groups: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """The nearest of the 16 levels d q + m for each weight: q in 0..15. Shapes: (..., 32), (..., 1) x2"""
+    inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
+    return np.clip(np.rint((groups - m) * inv), 0, 15)
+
+
+def _q4_error(groups: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Squared error of each group on the grid (d, m). Shapes: (..., 32), (..., 1) x2 -> (..., 1)"""
+    return ((groups - (d * _q4_levels(groups, d, m) + m)) ** 2).sum(-1, keepdims=True)
+
+# ---- the same formats, repacked for the Numba kernels ------------------------------------------------------
+#
+# A matrix-vector product over Int8 walks one row at a time: per group, 32 products summed into one number.
+# That horizontal sum is what a CPU does worst; the obvious Numba loop reads int8 weights at ~4 GB/s. The
+# packed layouts below store 64 output rows side by side ("interleaved"): for group g and element j, the 64
+# weights of rows 64b..64b+63 are 64 consecutive bytes. The kernel's innermost loop then runs across those
+# 64 rows with one input value broadcast: 64 independent sums, no horizontal sum, one cache line per step
+# (kernels_numba.py). Same bytes per weight as the unpacked form: the scales stay fp16, only reordered.
+# Rows are padded with zeros up to a multiple of 64 (never needed for Gemma's shapes); `shape` is the
+# logical one.
+
+ROWS = 64  # output rows interleaved in one block of the packed layouts
+
+
+def _interleave(a: np.ndarray, blocks: int) -> np.ndarray:
+    """(out, G, ...) -> (blocks, G, ..., 64): row 64b + r goes to [b, ..., r]. Rows past `out` are zeros.
+
+    Copies a few blocks at a time into the preallocated result, so packing a Q8_0 view of a memory-mapped
+    file never makes a second full-size temporary."""
+    out_rows, rest = a.shape[0], a.shape[1:]
+    packed = np.zeros((blocks,) + rest + (ROWS,), a.dtype)
+    step = 256  # blocks per copy: 16k rows
+    for b0 in range(0, blocks, step):
+        b1 = min(b0 + step, blocks)
+        part = a[b0 * ROWS:b1 * ROWS]  # (R, G, ...), R <= (b1 - b0) * 64 at the end of the matrix
+        full = (b1 - b0) * ROWS
+        if len(part) < full:
+            part = np.concatenate([part, np.zeros((full - len(part),) + rest, a.dtype)])
+        part = part.reshape((b1 - b0, ROWS) + rest)  # (nb, 64, G, ...)
+        packed[b0:b1] = np.moveaxis(part, 1, -1)  # (nb, 64, G, ...) -> (nb, G, ..., 64)
+        release_pages(a[b0 * ROWS:b1 * ROWS])  # read once: a view of a mapped file need not stay in memory
+    return packed
+
+
+def release_pages(view: np.ndarray) -> None:
+    """If `view` looks into a memory-mapped file, tell the OS this process is done with those pages.
+
+    Reading a view of a mapped file (a GGUF Q8_0 tensor) makes its pages part of the process's resident
+    memory until the file is unmapped. After repacking, the view is not read again, so madvise(DONTNEED)
+    hands the pages back: they stay in the OS page cache (reading the view again would simply fault them
+    back in), but no longer count twice in peak memory. Anything not backed by an mmap is left alone."""
+    root = view
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    if not isinstance(root.base, mmap.mmap) or not hasattr(root.base, "madvise") or view.size == 0:
+        return
+    mapped = np.frombuffer(root.base, np.uint8)  # the whole mapping, to learn its address
+    offset = view.__array_interface__["data"][0] - mapped.__array_interface__["data"][0]
+    span = sum((n - 1) * abs(st) for n, st in zip(view.shape, view.strides)) + view.itemsize
+    if any(st < 0 for st in view.strides):
+        return
+    first = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the view only
+    last = (offset + span) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        root.base.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
+def _deinterleave(a: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """The inverse of _interleave for rows start..stop-1: (blocks, G, ..., 64) -> (stop - start, G, ...)."""
+    b0, b1 = start // ROWS, -(-stop // ROWS)
+    rows = np.moveaxis(a[b0:b1], -1, 1)  # (nb, G, ..., 64) -> (nb, 64, G, ...)
+    rows = rows.reshape((-1,) + rows.shape[2:])  # (nb * 64, G, ...)
+    return rows[start - b0 * ROWS:stop - b0 * ROWS]
+
+
+@dataclass
+class Int8x64:
+    """Int8 with 64 rows interleaved: q[b, g, j, r] is element 32g + j of row 64b + r, scaled by d[b, g, r]."""
+
+    q: np.ndarray  # (out/64, in/32, 32, 64) int8
+    d: np.ndarray  # (out/64, in/32, 64) float16
+    out_rows: int  # logical number of rows (the last block may be zero padding)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.out_rows, self.q.shape[1] * GROUP
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.size + 2 * self.d.size
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Shapes: -> (stop - start, in) float32"""
+        return Int8(_deinterleave(self.q, start, stop), _deinterleave(self.d, start, stop)).rows(0, stop - start)
+
+    def take(self, ids: np.ndarray) -> np.ndarray:
+        """Rows `ids` (any order) as float32, for the embedding lookup. Shapes: (T,) -> (T, in)"""
+        ids = np.asarray(ids)
+        q = self.q[ids // ROWS, :, :, ids % ROWS].astype(np.float32)  # (T, G, 32)
+        q *= self.d[ids // ROWS, :, ids % ROWS][..., None].astype(np.float32)
+        return q.reshape(len(ids), -1)
+
+    @classmethod
+    def pack(cls, w: Int8) -> "Int8x64":
+        blocks = -(-w.shape[0] // ROWS)
+        return cls(_interleave(w.q, blocks), _interleave(w.d, blocks), w.shape[0])
+
+
+@dataclass
+class Int4x64:
+    """Int4 with 64 rows interleaved: byte nibbles[b, g, j, r] holds elements 32g + j (low nibble) and
+    32g + j + 16 (high nibble) of row 64b + r; that row's group g has scale d[b, g, r] and minimum m[b, g, r]."""
+
+    nibbles: np.ndarray  # (out/64, in/32, 16, 64) uint8
+    d: np.ndarray  # (out/64, in/32, 64) float16
+    m: np.ndarray  # (out/64, in/32, 64) float16
+    out_rows: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.out_rows, self.nibbles.shape[1] * GROUP
+
+    @property
+    def nbytes(self) -> int:
+        return self.nibbles.size + 2 * self.d.size + 2 * self.m.size
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Shapes: -> (stop - start, in) float32"""
+        return Int4(*(_deinterleave(a, start, stop) for a in (self.nibbles, self.d, self.m))).rows(0, stop - start)
+
+    def take(self, ids: np.ndarray) -> np.ndarray:
+        """Rows `ids` as float32. Shapes: (T,) -> (T, in)"""
+        ids = np.asarray(ids)
+        b, r = ids // ROWS, ids % ROWS
+        return Int4(self.nibbles[b, :, :, r], self.d[b, :, r], self.m[b, :, r]).rows(0, len(ids))
+
+    @classmethod
+    def pack(cls, w: Int4) -> "Int4x64":
+        blocks = -(-w.shape[0] // ROWS)
+        return cls(_interleave(w.nibbles, blocks), _interleave(w.d, blocks), _interleave(w.m, blocks), w.shape[0])
+
+
+def _round_half_away(x: np.ndarray) -> np.ndarray:
+    """C's roundf: halves round away from zero (np.rint rounds them to even), as llama.cpp quantizes."""
+    return np.sign(x) * np.floor(np.abs(x) + np.float32(0.5))
+
+
+def _groups(x: np.ndarray) -> np.ndarray:
+    """(out, in) -> (out, in/32, 32) float32, refusing widths that are not whole groups."""
+    out, width = x.shape
+    if width % GROUP:
+        raise ValueError(f"cannot quantize a matrix of width {width}: it must be a multiple of {GROUP}")
+    return np.asarray(x, dtype=np.float32).reshape(out, width // GROUP, GROUP)
+
+
+# ---- from a file's tensor to the chosen storage ----------------------------------------------------------
+
+QUANTIZE_CHOICES = ("int8", "int4")
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+
+
+class StoredTensor:
+    """What a loader offers for one tensor of a file (hf.py, gguf_file.py implement it):
+      shape           the NumPy shape, known before anything is read
+      read()          the whole tensor as float32
+      rows(a, b)      rows a..b-1 as float32 (for converting a big matrix a block at a time)
+      stored(kind)    the tensor as weight type `kind` without conversion, if the file holds it that way
+                      (a GGUF Q8_0 tensor for "int8", a safetensors BF16 tensor for "bfloat16"), else None
+    """
+
+    shape: tuple[int, ...]
+
+    def read(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def stored(self, kind: str):
+        return None
+
+
+def storage_for(field: str, quantize: str | None, dtype: str | None) -> str:
+    """The storage of one parameter: norms (1-D) stay float32 (see to_weight); under "int4" the tied embedding
+    / LM head is int8, being the matrix whose error costs the most (measured in docs/quantization.md)."""
+    if quantize == "int4" and field == "embed":
+        return "int8"
+    return quantize or dtype or "float32"
+
+
+def to_weight(t: StoredTensor, kind: str):
+    """A file's tensor in storage `kind`. 1-D tensors (norms) are always float32.
+
+    A big matrix is converted a block of rows at a time into preallocated arrays, so converting never holds
+    a float32 copy of the whole matrix (a gemma-2b embedding is 2.1 GB in float32, 0.56 GB in int8)."""
+    if kind == "float32" or len(t.shape) == 1:
+        return t.read()
+    as_stored = t.stored(kind)
+    if as_stored is not None:
+        return as_stored
+    make = {"int8": Int8.from_float, "int4": Int4.from_float,
+            "bfloat16": lambda x: Float16Bits.from_float(x, "bfloat16"),
+            "float16": lambda x: Float16Bits.from_float(x, "float16")}[kind]
+    out_rows, width = t.shape
+    step = block_rows(width)
+    first = make(t.rows(0, min(step, out_rows)))
+    # every array field gets its full size now; the blocks are written into it
+    fields = {f: (np.empty((out_rows,) + v.shape[1:], v.dtype) if isinstance(v, np.ndarray) else v)
+              for f, v in vars(first).items()}
+    for start in range(0, out_rows, step):
+        part = first if start == 0 else make(t.rows(start, min(start + step, out_rows)))
+        for f, v in vars(part).items():
+            if isinstance(v, np.ndarray):
+                fields[f][start:start + len(v)] = v
+    return type(first)(**fields)
+
+
+BLOCK_BYTES = 1 << 22  # float32 bytes of one block of rows: 4 MiB stays in the L2/L3 caches
+
+
+def block_rows(width: int) -> int:
+    """How many rows of a matrix `width` wide make one block of BLOCK_BYTES float32."""
+    return max(1, BLOCK_BYTES // (4 * width))
+
+
+def nbytes(w) -> int:
+    """Bytes of one weight, whatever its type."""
+    return int(w.nbytes)
+
+
+def dequantize(w) -> np.ndarray:
+    """The whole matrix as float32 (for tests and notebooks; the kernels never do this)."""
+    return w if isinstance(w, np.ndarray) else w.rows(0, w.shape[0])
