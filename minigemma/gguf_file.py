@@ -13,6 +13,7 @@ Three things need care (llama.cpp conversion/gemma.py and src/llama-model.cpp):
 from __future__ import annotations
 
 import math
+import mmap
 import struct
 from pathlib import Path
 
@@ -40,31 +41,35 @@ DEFAULT_ALIGNMENT = 32  # general.alignment when the file does not set it (GGUF 
 
 
 class _HeaderReader:
-    """Reads a GGUF header front to back from an open file, checking every length against the bytes the file
-    still has before reading it, so a count of 10^18 fails at once instead of allocating or looping."""
+    """Reads a GGUF header front to back from a buffer over the file, checking every length against the bytes
+    the file still has before reading it, so a count of 10^18 fails at once instead of allocating or looping."""
 
-    def __init__(self, f, size: int, path: Path):
-        self.f, self.size, self.path = f, size, path
+    def __init__(self, buf, path: Path):
+        self.buf, self.pos, self.size, self.path = buf, 0, len(buf), path
 
     def fail(self, what: str):
-        raise ModelFileError(f"{self.path}: not a valid GGUF file ({what}, at byte {self.f.tell()} of {self.size})")
+        raise ModelFileError(f"{self.path}: not a valid GGUF file ({what}, at byte {self.pos} of {self.size})")
 
     def need(self, n: int, what: str):
-        if n > self.size - self.f.tell():
-            self.fail(f"{what} needs {n} bytes, the file has {self.size - self.f.tell()} left")
+        if n > self.size - self.pos:
+            self.fail(f"{what} needs {n} bytes, the file has {self.size - self.pos} left")
 
     def unpack(self, fmt: str, what: str):
         n = struct.calcsize(fmt)
         self.need(n, what)
-        return struct.unpack(fmt, self.f.read(n))
+        values = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += n
+        return values
 
     def string(self, what: str) -> str:
         (n,) = self.unpack("<Q", f"the length of {what}")
         self.need(n, what)
         try:
-            return self.f.read(n).decode("utf-8")
+            text = str(self.buf[self.pos:self.pos + n], "utf-8")
         except UnicodeDecodeError:
             self.fail(f"{what} is not UTF-8")
+        self.pos += n
+        return text
 
     def value(self, kind: int, what: str) -> tuple[object, list[int]]:
         """One metadata value (a number, a bool, a str, or for ARRAY a list of them) and its value types:
@@ -80,7 +85,9 @@ class _HeaderReader:
             fmt = _SCALARS[item][1]
             size = struct.calcsize(fmt)
             self.need(n * size, f"{what} ({n} items)")
-            return np.frombuffer(self.f.read(n * size), "<" + fmt).tolist(), [kind, item]
+            values = np.frombuffer(self.buf, "<" + fmt, count=n, offset=self.pos).tolist()
+            self.pos += n * size
+            return values, [kind, item]
         if item != _STRING:  # arrays of arrays exist in the spec, never in a model file
             self.fail(f"{what} has items of value type {item}, expected a number or a string")
         self.need(n * 8, f"{what} ({n} items)")  # every string has an 8-byte length
@@ -112,6 +119,47 @@ class GGUFFile:
         self.fields, self.tensors = fields, tensors
 
 
+def _read_header(r: _HeaderReader, path: Path, fields: dict) -> tuple[list, int, int]:
+    """The header, front to back: fills `fields`; returns the tensor infos (name, dims, type, offset), where
+    tensor data starts, and the alignment."""
+    magic = bytes(r.buf[:4])
+    r.pos = 4
+    if magic != b"GGUF":
+        raise ModelFileError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
+    (version,) = r.unpack("<I", "the version")
+    if version not in (2, 3):
+        r.fail(f"version {version}; only versions 2 and 3, little-endian, are supported")
+    n_tensors, n_kv = r.unpack("<QQ", "the tensor and metadata counts")
+    r.need(n_kv * 13, f"{n_kv} metadata entries")  # at least key length 8 + type 4 + a 1-byte value
+    for _ in range(n_kv):
+        key = r.string("a metadata key")
+        if key in fields:
+            r.fail(f"metadata {key} appears twice")
+        (kind,) = r.unpack("<I", f"the type of metadata {key}")
+        fields[key] = GGUFField(*r.value(kind, f"metadata {key}"))
+    alignment = DEFAULT_ALIGNMENT
+    if "general.alignment" in fields:
+        alignment = fields["general.alignment"].value
+        if fields["general.alignment"].types != [_UINT32]:
+            r.fail(f"general.alignment has value type {fields['general.alignment'].types[0]}, expected "
+                   f"uint32 ({_UINT32})")
+        if alignment == 0 or alignment & (alignment - 1):
+            r.fail(f"general.alignment is {alignment}, expected a power of two")
+
+    r.need(n_tensors * 24, f"{n_tensors} tensor infos")  # name length 8, n_dims 4, type 4, offset 8
+    infos = []
+    for _ in range(n_tensors):
+        name = r.string("a tensor name")
+        (n_dims,) = r.unpack("<I", f"the dimension count of tensor {name}")
+        if not 1 <= n_dims <= MAX_DIMS:
+            r.fail(f"tensor {name} has {n_dims} dims, expected 1..{MAX_DIMS}")
+        dims = r.unpack(f"<{n_dims}Q", f"the dims of tensor {name}")
+        kind, offset = r.unpack("<IQ", f"the type and offset of tensor {name}")
+        infos.append((name, dims, kind, offset))
+    data_start = -(-r.pos // alignment) * alignment  # tensor data begins at the next aligned byte
+    return infos, data_start, alignment
+
+
 def check_gguf_header(path: Path) -> tuple[dict, list, int]:
     """Read a GGUF file's header, validating it against the file before anything is mapped or allocated.
 
@@ -130,41 +178,11 @@ def check_gguf_header(path: Path) -> tuple[dict, list, int]:
     size = path.stat().st_size
     fields: dict[str, GGUFField] = {}
     with open(path, "rb") as f:
-        r = _HeaderReader(f, size, path)
-        magic = f.read(4)
-        if magic != b"GGUF":
-            raise ModelFileError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
-        (version,) = r.unpack("<I", "the version")
-        if version not in (2, 3):
-            r.fail(f"version {version}; only versions 2 and 3, little-endian, are supported")
-        n_tensors, n_kv = r.unpack("<QQ", "the tensor and metadata counts")
-        r.need(n_kv * 13, f"{n_kv} metadata entries")  # at least key length 8 + type 4 + a 1-byte value
-        for _ in range(n_kv):
-            key = r.string("a metadata key")
-            if key in fields:
-                r.fail(f"metadata {key} appears twice")
-            (kind,) = r.unpack("<I", f"the type of metadata {key}")
-            fields[key] = GGUFField(*r.value(kind, f"metadata {key}"))
-        alignment = DEFAULT_ALIGNMENT
-        if "general.alignment" in fields:
-            alignment = fields["general.alignment"].value
-            if fields["general.alignment"].types != [_UINT32]:
-                r.fail(f"general.alignment has value type {fields['general.alignment'].types[0]}, expected "
-                       f"uint32 ({_UINT32})")
-            if alignment == 0 or alignment & (alignment - 1):
-                r.fail(f"general.alignment is {alignment}, expected a power of two")
-
-        r.need(n_tensors * 24, f"{n_tensors} tensor infos")  # name length 8, n_dims 4, type 4, offset 8
-        infos = []
-        for _ in range(n_tensors):
-            name = r.string("a tensor name")
-            (n_dims,) = r.unpack("<I", f"the dimension count of tensor {name}")
-            if not 1 <= n_dims <= MAX_DIMS:
-                r.fail(f"tensor {name} has {n_dims} dims, expected 1..{MAX_DIMS}")
-            dims = r.unpack(f"<{n_dims}Q", f"the dims of tensor {name}")
-            kind, offset = r.unpack("<IQ", f"the type and offset of tensor {name}")
-            infos.append((name, dims, kind, offset))
-        data_start = -(-f.tell() // alignment) * alignment  # tensor data begins at the next aligned byte
+        if size < 4:
+            raise ModelFileError(f"{path}: not a GGUF file ({size} bytes)")
+        # the header is read through a read-only map: no copy of the file, and pages are read as needed
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            infos, data_start, alignment = _read_header(_HeaderReader(buf, path), path, fields)
 
     seen, spans, tensors = set(), [], []
     for name, dims, kind, offset in infos:
