@@ -1,7 +1,8 @@
 """Which 4-bit scheme should `quantize="int4"` be? Measures the candidates on the built-in model.
 
 Each candidate requantizes the float32 reference's matrices with the gguf package's own quantizers (Q4_0:
-symmetric, a scale per 32; Q4_1: a scale and a minimum per 32; Q8_0 for comparison), dequantizes them back to
+symmetric, a scale per 32; Q4_1: a scale and a minimum per 32; Q8_0 for comparison) or with minigemma's int4
+quantizer (Q4_1's layout, least-squares scales), dequantizes them back to
 float32 (so every candidate runs at BLAS speed; the numbers are the same as with the int4 kernels, which
 compute on exactly these values), and scores the same windows of the reference text against the reference:
 mean KL divergence, top-1 agreement, perplexity.
@@ -23,19 +24,23 @@ from gguf import quants as gguf_quants
 
 import minigemma
 from minigemma.perplexity import perplexity, reference_text
+from minigemma.weights import Int4, dequantize
 
 # name -> (type for the layer matrices, type for the tied embedding / head); None keeps float32
 CANDIDATES = {
-    "int8 (Q8_0) everywhere": (Q.Q8_0, Q.Q8_0),
+    "Q8_0 everywhere": (Q.Q8_0, Q.Q8_0),
     "Q4_0 everywhere": (Q.Q4_0, Q.Q4_0),
     "Q4_0, embedding Q8_0": (Q.Q4_0, Q.Q8_0),
     "Q4_1 everywhere": (Q.Q4_1, Q.Q4_1),
-    "Q4_1, embedding Q8_0 (minigemma's int4)": (Q.Q4_1, Q.Q8_0),
+    "Q4_1, embedding Q8_0": (Q.Q4_1, Q.Q8_0),
+    "Q4_1 with least-squares scales, embedding Q8_0 (minigemma's int4)": ("int4", Q.Q8_0),
 }
-BYTES_PER_WEIGHT = {Q.Q8_0: 34 / 32, Q.Q4_0: 18 / 32, Q.Q4_1: 20 / 32}
+BYTES_PER_WEIGHT = {Q.Q8_0: 34 / 32, Q.Q4_0: 18 / 32, Q.Q4_1: 20 / 32, "int4": 20 / 32}
 
 
 def requantized(w: np.ndarray, qtype) -> np.ndarray:
+    if qtype == "int4":  # minigemma's own quantizer (weights.Int4.from_float)
+        return dequantize(Int4.from_float(w))
     return gguf_quants.dequantize(gguf_quants.quantize(w, qtype), qtype).astype(np.float32)
 
 
@@ -54,7 +59,7 @@ def main():
     ap.add_argument("--context", type=int, default=512)
     args = ap.parse_args()
 
-    reference = minigemma.load(progress=False)
+    reference = minigemma.load(progress=False, backend="numpy")  # float32 products: BLAS either way
     ids = reference.tokenizer.encode(reference_text(), add_bos=False)[:args.tokens]
     n_embed = reference.params.embed.size
     n_layers = reference.config.num_parameters - n_embed
