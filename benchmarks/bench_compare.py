@@ -32,7 +32,8 @@ from pathlib import Path
 
 CONFIGS = {
     # name: (side, options)
-    "minigemma numpy float32": ("minigemma", dict(backend="numpy")),
+    # the NumPy reference builds the (H, T, S) score matrix: ~5 GB at 8k tokens, so no long prompt for it
+    "minigemma numpy float32": ("minigemma", dict(backend="numpy", long=False)),
     "minigemma numba float32": ("minigemma", dict(backend="numba")),
     "minigemma numba int8": ("minigemma", dict(backend="numba", quantize="int8")),
     "minigemma numba int4": ("minigemma", dict(backend="numba", quantize="int4")),
@@ -40,6 +41,7 @@ CONFIGS = {
     "transformers float32": ("transformers", dict(dtype="float32")),
     "transformers bfloat16": ("transformers", dict(dtype="bfloat16")),
     "llama.cpp (GGUF as stored)": ("llama.cpp", dict()),
+    "llama.cpp, 1 thread": ("llama.cpp", dict(threads=1)),
 }
 
 WORKER = r"""
@@ -93,17 +95,20 @@ elif side == "transformers":
 else:  # llama.cpp through llama-cpp-python, on the GGUF file as stored (Q4_K_M / Q8_0 mix)
     from llama_cpp import Llama
     t = time.perf_counter()
-    model = Llama(model_path=path, n_ctx=long_len + 64, n_threads=os.cpu_count(), n_batch=512, verbose=False)
+    model = Llama(model_path=str(path), n_ctx=max(lengths + [long_len]) + 128, n_threads=options.get("threads") or os.cpu_count(),
+                  n_batch=512, verbose=False)
     result["load_s"] = time.perf_counter() - t
 
+    # (the next token is a fixed id, not llama.cpp's argmax: the speed does not depend on it, and its
+    # logits buffer holds only the last batch's rows)
     def prefill(ids):
         model.reset()
         model.eval(ids)
-        return None, int(np.argmax(model.scores[model.n_tokens - 1]))
+        return None, 1000
 
     def step(token, cache):
         model.eval([token])
-        return None, int(np.argmax(model.scores[model.n_tokens - 1]))
+        return None, 1000
 
 first = lengths[0]
 t = time.perf_counter()
@@ -115,6 +120,7 @@ for _ in range(64):
     cache, token = step(token, cache)
 result["decode_tok_s"] = 64 / (time.perf_counter() - t)
 result["peak_rss_mb"] = peak()
+print(json.dumps(result), flush=True)  # what is measured so far, in case a longer prompt fails (memory)
 for n in lengths[1:] + ([long_len] if long_len else []):
     del cache
     t = time.perf_counter()
@@ -135,11 +141,14 @@ def measure(name: str, lengths: list[int], long_len: int) -> dict:
     env = dict(os.environ)
     if options.get("threads"):
         env["NUMBA_NUM_THREADS"] = str(options["threads"])
+    if options.get("long") is False:
+        long_len = 0
     done = subprocess.run([sys.executable, "-c", WORKER, side, json.dumps(options), json.dumps(lengths),
                            str(long_len)], capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        return {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1]) if done.stdout.strip() else {}
+    if done.returncode != 0:  # e.g. killed for memory at the long prompt: keep what was measured before
+        result["error"] = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+    return result
 
 
 def cold_compile_s() -> dict[str, float]:
@@ -189,13 +198,11 @@ def table(medians: dict[str, dict]) -> str:
     lines = ["| | " + " | ".join(title for _, title, _ in COLUMNS) + " | decode / transformers f32 | prefill 500 / transformers f32 |",
              "|---" * (len(COLUMNS) + 3) + "|"]
     for name, m in medians.items():
-        if "error" in m:
-            lines.append(f"| {name} | " + " | ".join("–" for _ in COLUMNS) + f" | failed: {m['error'][:80]} | |")
-            continue
         cells = [fmt.format(m[key]) if key in m else "–" for key, _, fmt in COLUMNS]
         ratios = [f"{m[k] / base[k]:.2f}x" if k in m and base.get(k) else "–"
                   for k in ("decode_tok_s", "prefill_500_tok_s")]
-        lines.append(f"| {name} | " + " | ".join(cells + ratios) + " |")
+        note = f" (failed after that: {m['error'][:60]})" if "error" in m else ""
+        lines.append(f"| {name}{note} | " + " | ".join(cells + ratios) + " |")
     return "\n".join(lines)
 
 
@@ -205,7 +212,7 @@ def chart(medians: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n, m in medians.items() if "error" not in m]
+    names = [n for n, m in medians.items() if "decode_tok_s" in m]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
     for ax, key, title in zip(axes, ("decode_tok_s", "prefill_500_tok_s", "peak_rss_mb"),
                               ("decode, tokens/s (higher is better)", "prefill ~500 tokens, tokens/s",
@@ -248,8 +255,11 @@ def main():
             runs[name].append(result)
     medians = {}
     for name, results in runs.items():
-        ok = [x for x in results if "error" not in x]
-        medians[name] = ({k: statistics.median(x[k] for x in ok) for k in ok[0]} if ok else results[0])
+        keys = {k for x in results for k in x if k != "error"}
+        medians[name] = {k: statistics.median(x[k] for x in results if k in x) for k in sorted(keys)}
+        errors = [x["error"] for x in results if "error" in x]
+        if errors:
+            medians[name]["error"] = errors[0]
     info = dict(machine=machine(), loadavg_before=load_before, loadavg_after=loadavg(), rounds=args.rounds,
                 minutes=round((time.time() - start) / 60, 1), cold_compile_s=cold_compile_s(),
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))

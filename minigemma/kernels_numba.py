@@ -265,20 +265,29 @@ def flash_attention(q, k, v, q_pos, k_pos, window, scale, cap, out):
         acc = np.zeros((Q_TILE, Dh), f32)
         p = np.empty(K_TILE, f32)
         k_tile = np.empty((Dh, K_TILE), f32)  # this tile's keys, transposed
+        many = t1 - t0 >= 4  # enough queries to pay for transposing the key tile
         for s0 in range(s_start, s_end, K_TILE):
             n = min(s_end, s0 + K_TILE) - s0
-            # transposed once per tile and reused by each query, so the scores of one query are sums along
-            # the key axis (64 independent lanes) instead of 64 dot products that each end in a horizontal sum
-            for j in range(n):
-                for e in range(Dh):
-                    k_tile[e, j] = k[s0 + j, kv, e]
+            if many:
+                # transposed once per tile and reused by each query: the scores of a query are then sums
+                # along the key axis (independent lanes), not dot products that each end in a horizontal sum
+                for j in range(n):
+                    for e in range(Dh):
+                        k_tile[e, j] = k[s0 + j, kv, e]
             for i in range(t1 - t0):
                 t = t0 + i
-                p[:n] = 0
-                for e in range(Dh):
-                    qe = q[h, t, e]
+                if many:
+                    p[:n] = 0
+                    for e in range(Dh):
+                        qe = q[h, t, e]
+                        for j in range(n):
+                            p[j] += qe * k_tile[e, j]
+                else:  # decode: one query, each key read once straight from the cache
                     for j in range(n):
-                        p[j] += qe * k_tile[e, j]
+                        dot = f32(0)
+                        for e in range(Dh):
+                            dot += q[h, t, e] * k[s0 + j, kv, e]
+                        p[j] = dot
                 tile_max = f32(-np.inf)
                 for j in range(n):
                     s = s0 + j
