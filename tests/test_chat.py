@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import sys
 
 import numpy as np
@@ -133,7 +134,9 @@ def test_chat_ctrl_c_interrupts_a_reply_then_exits_130_at_the_prompt():
     child = spawn("--max-new-tokens", "400", "--stats")
     child.sendline("Once upon a time")
     child.expect(r"Once upon a time\r\n\S")  # the echo, then the reply has started
-    child.sendintr()
+    # SIGINT straight to the process, as the terminal sends it for Ctrl-C: typing ^C into the pty instead
+    # races with readline's terminal modes on a busy machine (the ^C can arrive as a plain character)
+    child.kill(signal.SIGINT)
     child.expect_exact("(interrupted)")
     stats = turn_stats(child)
     assert stats["finish_reason"] == "interrupted" and stats["generated_tokens"] < 400
@@ -141,7 +144,7 @@ def test_chat_ctrl_c_interrupts_a_reply_then_exits_130_at_the_prompt():
     child.sendline("/system Answer in French.")  # the conversation goes on after an interruption
     child.expect_exact("(system message set; conversation reset)")
     child.expect_exact("> ")
-    child.sendintr()  # at the prompt: leave
+    child.kill(signal.SIGINT)  # at the prompt: leave
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 130
