@@ -53,7 +53,8 @@ def finite_number(text: str) -> float:
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
-    """--model, --quantize, --dtype: which weights, stored how (shared by every command that loads a model)."""
+    """--model, --quantize, --dtype, --backend: which weights, stored how, run by which kernels (shared by every
+    command that loads a model)."""
     p.add_argument("--model", default=None,
                    help="HF directory, .gguf file or HF repo id (default: the built-in Gemma 3 270M)")
     # The default stays the float32 reference: int8 needs 3.7x less memory, but on the README's second prompt
@@ -62,6 +63,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="store the weight matrices as int8 or int4 (default: none, the float32 reference)")
     p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
                    help="store the weight matrices in 16 bits (or float32), instead of --quantize")
+    p.add_argument("--backend", default=None, choices=["numba", "numpy"],
+                   help="kernels: numba (compiled; the default where installed, or $MINIGEMMA_BACKEND) or numpy "
+                        "(the readable reference); same answers")
     # also accepted after the command; SUPPRESS keeps `minigemma --debug generate ...` working too
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="on an error, show the Python traceback")
@@ -118,7 +122,7 @@ def model_options(args) -> dict:
     quantize = args.quantize
     if quantize != "none" and args.dtype not in (None, "float32"):
         raise UsageError(f"--quantize {quantize} and --dtype {args.dtype}: choose one")
-    return {"quantize": None if quantize == "none" else quantize, "dtype": args.dtype}
+    return {"quantize": None if quantize == "none" else quantize, "dtype": args.dtype, "backend": args.backend}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -238,10 +242,11 @@ def perplexity_command(args) -> int:
 
     options = model_options(args)
     compare = None
-    if args.compare_to is not None:
+    if args.compare_to is not None:  # the same kernels: load() sets the backend for the whole process
         compare = ({"quantize": None, "dtype": None} if args.compare_to == "none" else
                    {"quantize": args.compare_to, "dtype": None} if args.compare_to in QUANTIZE_CHOICES else
                    {"quantize": None, "dtype": args.compare_to})
+        compare["backend"] = options["backend"]
     if args.file is None:
         text, name = reference_text(), "pydoc_data.topics"
     elif args.file == "-":

@@ -13,6 +13,7 @@ Three things need care (llama.cpp conversion/gemma.py and src/llama-model.cpp):
 from __future__ import annotations
 
 import math
+import mmap
 import struct
 from pathlib import Path
 
@@ -22,128 +23,176 @@ from tqdm import tqdm
 from .config import GemmaConfig
 from .errors import ModelFileError
 from .params import Params, build_params
-from .quants import SUPPORTED_TYPES, dequantize
-from .weights import Float16Bits, Int4, Int8, StoredTensor
+from .quants import SUPPORTED_TYPES, dequantize, symmetric_levels
+from .weights import Float16Bits, Int4, Int8, StoredTensor, release_pages
 
 ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 
 
-# GGUF metadata value types (gguf constants.py GGUFValueType) -> size in bytes of a scalar; 8 STRING and
-# 9 ARRAY have a length prefix instead.
-_SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+# GGUF metadata value types (gguf constants.py GGUFValueType): id -> (name, struct format of a scalar);
+# 8 STRING and 9 ARRAY have a length prefix instead.
+_SCALARS = {0: ("UINT8", "B"), 1: ("INT8", "b"), 2: ("UINT16", "H"), 3: ("INT16", "h"), 4: ("UINT32", "I"),
+            5: ("INT32", "i"), 6: ("FLOAT32", "f"), 7: ("BOOL", "?"), 10: ("UINT64", "Q"), 11: ("INT64", "q"),
+            12: ("FLOAT64", "d")}
 _STRING, _ARRAY, _UINT32 = 8, 9, 4
+_TYPE_NAMES = {**{k: name for k, (name, _) in _SCALARS.items()}, _STRING: "STRING", _ARRAY: "ARRAY"}
 MAX_DIMS = 4  # GGML_MAX_DIMS in ggml.h
+DEFAULT_ALIGNMENT = 32  # general.alignment when the file does not set it (GGUF spec)
 
 
 class _HeaderReader:
-    """Reads a GGUF header front to back from an open file, checking every length against the bytes the file
-    still has before reading it, so a count of 10^18 fails at once instead of allocating or looping."""
+    """Reads a GGUF header front to back from a buffer over the file, checking every length against the bytes
+    the file still has before reading it, so a count of 10^18 fails at once instead of allocating or looping."""
 
-    def __init__(self, f, size: int, path: Path):
-        self.f, self.size, self.path = f, size, path
+    def __init__(self, buf, path: Path):
+        self.buf, self.pos, self.size, self.path = buf, 0, len(buf), path
 
     def fail(self, what: str):
-        raise ModelFileError(f"{self.path}: not a valid GGUF file ({what}, at byte {self.f.tell()} of {self.size})")
+        raise ModelFileError(f"{self.path}: not a valid GGUF file ({what}, at byte {self.pos} of {self.size})")
 
     def need(self, n: int, what: str):
-        if n > self.size - self.f.tell():
-            self.fail(f"{what} needs {n} bytes, the file has {self.size - self.f.tell()} left")
+        if n > self.size - self.pos:
+            self.fail(f"{what} needs {n} bytes, the file has {self.size - self.pos} left")
 
     def unpack(self, fmt: str, what: str):
         n = struct.calcsize(fmt)
         self.need(n, what)
-        return struct.unpack(fmt, self.f.read(n))
+        values = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += n
+        return values
 
     def string(self, what: str) -> str:
         (n,) = self.unpack("<Q", f"the length of {what}")
         self.need(n, what)
         try:
-            return self.f.read(n).decode("utf-8")
+            text = str(self.buf[self.pos:self.pos + n], "utf-8")
         except UnicodeDecodeError:
             self.fail(f"{what} is not UTF-8")
+        self.pos += n
+        return text
 
-    def skip_value(self, kind: int, what: str, depth: int = 0):
-        if kind in _SCALAR_SIZE:
-            self.need(_SCALAR_SIZE[kind], what)
-            self.f.seek(_SCALAR_SIZE[kind], 1)
-        elif kind == _STRING:
-            (n,) = self.unpack("<Q", f"the length of {what}")
-            self.need(n, what)
-            self.f.seek(n, 1)
-        elif kind == _ARRAY and depth == 0:  # arrays of arrays exist in the spec, never in a model file
-            item, n = self.unpack("<IQ", f"the item type and length of {what}")
-            if item in _SCALAR_SIZE:
-                self.need(n * _SCALAR_SIZE[item], f"{what} ({n} items)")
-                self.f.seek(n * _SCALAR_SIZE[item], 1)
-            else:
-                self.need(n * 8, f"{what} ({n} items)")  # every string or array item has an 8-byte length
-                for _ in range(n):
-                    self.skip_value(item, what, depth + 1)
-        else:
-            self.fail(f"{what} has value type {kind}, expected 0..12 (or an array of arrays)")
+    def value(self, kind: int, what: str) -> tuple[object, list[int]]:
+        """One metadata value (a number, a bool, a str, or for ARRAY a list of them) and its value types:
+        [kind], or [ARRAY, item kind]."""
+        if kind in _SCALARS:
+            return self.unpack("<" + _SCALARS[kind][1], what)[0], [kind]
+        if kind == _STRING:
+            return self.string(what), [kind]
+        if kind != _ARRAY:
+            self.fail(f"{what} has value type {kind}, expected 0..12")
+        item, n = self.unpack("<IQ", f"the item type and length of {what}")
+        if item in _SCALARS:  # numbers in one read: a 262k-entry score table is one np.frombuffer
+            fmt = _SCALARS[item][1]
+            size = struct.calcsize(fmt)
+            self.need(n * size, f"{what} ({n} items)")
+            values = np.frombuffer(self.buf, "<" + fmt, count=n, offset=self.pos).tolist()
+            self.pos += n * size
+            return values, [kind, item]
+        if item != _STRING:  # arrays of arrays exist in the spec, never in a model file
+            self.fail(f"{what} has items of value type {item}, expected a number or a string")
+        self.need(n * 8, f"{what} ({n} items)")  # every string has an 8-byte length
+        return [self.string(f"item {i} of {what}") for i in range(n)], [kind, item]
 
 
-def check_gguf_header(path: Path) -> None:
-    """Validate a GGUF file's header against the file before the gguf reader maps or allocates anything.
+class GGUFField:
+    """One metadata entry: its value (`contents()`, as the gguf package names it) and value type(s)."""
 
-    The gguf package's GGUFReader trusts the header: a metadata array claiming 10^18 items makes it loop
-    (reading nothing past the end of the map) and grow lists without end. So first, in one pass over the
-    header (layout in docs/formats.md; llama.cpp ggml/src/gguf.cpp gguf_init_from_file does the same checks):
-    magic and version; counts that the file can hold; every string and array length within the file; known
-    value types; a power-of-two general.alignment; for each tensor at most 4 dims, a known ggml type with
-    whole blocks, an aligned offset, and bytes that lie inside the file and overlap no other tensor's.
+    def __init__(self, value, types: list[int]):
+        self.value, self.types = value, types
+
+    def contents(self):
+        return self.value
+
+
+class GGUFTensorInfo:
+    """One tensor: `shape` in GGUF order (fastest dim first), `tensor_type` (a GGML type id), and `data`, a view
+    of the memory-mapped file: typed for F32/F16 (NumPy shape), bytes (rows, bytes per row) for the rest."""
+
+    def __init__(self, name: str, shape: tuple[int, ...], tensor_type: int, data: np.ndarray):
+        self.name, self.shape, self.tensor_type, self.data = name, np.array(shape), tensor_type, data
+
+
+class GGUFFile:
+    """What minigemma reads of a GGUF file: `fields` (metadata by key) and `tensors` (GGUFTensorInfo)."""
+
+    def __init__(self, fields: dict[str, GGUFField], tensors: list[GGUFTensorInfo]):
+        self.fields, self.tensors = fields, tensors
+
+
+def _read_header(r: _HeaderReader, path: Path, fields: dict) -> tuple[list, int, int]:
+    """The header, front to back: fills `fields`; returns the tensor infos (name, dims, type, offset), where
+    tensor data starts, and the alignment."""
+    magic = bytes(r.buf[:4])
+    r.pos = 4
+    if magic != b"GGUF":
+        raise ModelFileError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
+    (version,) = r.unpack("<I", "the version")
+    if version not in (2, 3):
+        r.fail(f"version {version}; only versions 2 and 3, little-endian, are supported")
+    n_tensors, n_kv = r.unpack("<QQ", "the tensor and metadata counts")
+    r.need(n_kv * 13, f"{n_kv} metadata entries")  # at least key length 8 + type 4 + a 1-byte value
+    for _ in range(n_kv):
+        key = r.string("a metadata key")
+        if key in fields:
+            r.fail(f"metadata {key} appears twice")
+        (kind,) = r.unpack("<I", f"the type of metadata {key}")
+        fields[key] = GGUFField(*r.value(kind, f"metadata {key}"))
+    alignment = DEFAULT_ALIGNMENT
+    if "general.alignment" in fields:
+        alignment = fields["general.alignment"].value
+        if fields["general.alignment"].types != [_UINT32]:
+            r.fail(f"general.alignment has value type {fields['general.alignment'].types[0]}, expected "
+                   f"uint32 ({_UINT32})")
+        if alignment == 0 or alignment & (alignment - 1):
+            r.fail(f"general.alignment is {alignment}, expected a power of two")
+
+    r.need(n_tensors * 24, f"{n_tensors} tensor infos")  # name length 8, n_dims 4, type 4, offset 8
+    infos = []
+    for _ in range(n_tensors):
+        name = r.string("a tensor name")
+        (n_dims,) = r.unpack("<I", f"the dimension count of tensor {name}")
+        if not 1 <= n_dims <= MAX_DIMS:
+            r.fail(f"tensor {name} has {n_dims} dims, expected 1..{MAX_DIMS}")
+        dims = r.unpack(f"<{n_dims}Q", f"the dims of tensor {name}")
+        kind, offset = r.unpack("<IQ", f"the type and offset of tensor {name}")
+        infos.append((name, dims, kind, offset))
+    data_start = -(-r.pos // alignment) * alignment  # tensor data begins at the next aligned byte
+    return infos, data_start, alignment
+
+
+def check_gguf_header(path: Path) -> tuple[dict, list, int]:
+    """Read a GGUF file's header, validating it against the file before anything is mapped or allocated.
+
+    One pass over the header (layout in docs/formats.md; llama.cpp ggml/src/gguf.cpp gguf_init_from_file
+    does the same checks): magic and version; counts that the file can hold; every string and array length
+    within the file; known value types; a power-of-two general.alignment; for each tensor at most 4 dims, a
+    known ggml type with whole blocks, an aligned offset, and bytes that lie inside the file and overlap no
+    other tensor's. (The gguf package's GGUFReader trusts the header: a metadata array claiming 10^18 items
+    makes it loop and grow lists without end; it is also ~5x slower on a 262k-token vocabulary, parsing every
+    entry as its own small array. So minigemma reads the header itself.)
+
+    Returns (fields, [(name, GGUF dims, ggml type, absolute byte offset, byte count)], file size).
     """
-    import gguf
+    from .quants import GGML_BLOCK_SIZES
 
     size = path.stat().st_size
+    fields: dict[str, GGUFField] = {}
     with open(path, "rb") as f:
-        r = _HeaderReader(f, size, path)
-        magic = f.read(4)
-        if magic != b"GGUF":
-            raise ModelFileError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
-        (version,) = r.unpack("<I", "the version")
-        if version not in (2, 3):
-            r.fail(f"version {version}; only versions 2 and 3, little-endian, are supported")
-        n_tensors, n_kv = r.unpack("<QQ", "the tensor and metadata counts")
-        r.need(n_kv * 13, f"{n_kv} metadata entries")  # at least key length 8 + type 4 + a 1-byte value
-        alignment = gguf.GGUF_DEFAULT_ALIGNMENT
-        keys = set()
-        for _ in range(n_kv):
-            key = r.string("a metadata key")
-            if key in keys:
-                r.fail(f"metadata {key} appears twice")
-            keys.add(key)
-            (kind,) = r.unpack("<I", f"the type of metadata {key}")
-            if key == "general.alignment":
-                if kind != _UINT32:
-                    r.fail(f"general.alignment has value type {kind}, expected uint32 ({_UINT32})")
-                (alignment,) = r.unpack("<I", key)
-                if alignment == 0 or alignment & (alignment - 1):
-                    r.fail(f"general.alignment is {alignment}, expected a power of two")
-            else:
-                r.skip_value(kind, f"metadata {key}")
+        if size < 4:
+            raise ModelFileError(f"{path}: not a GGUF file ({size} bytes)")
+        # the header is read through a read-only map: no copy of the file, and pages are read as needed
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            infos, data_start, alignment = _read_header(_HeaderReader(buf, path), path, fields)
 
-        r.need(n_tensors * 24, f"{n_tensors} tensor infos")  # name length 8, n_dims 4, type 4, offset 8
-        infos = []
-        for _ in range(n_tensors):
-            name = r.string("a tensor name")
-            (n_dims,) = r.unpack("<I", f"the dimension count of tensor {name}")
-            if not 1 <= n_dims <= MAX_DIMS:
-                r.fail(f"tensor {name} has {n_dims} dims, expected 1..{MAX_DIMS}")
-            dims = r.unpack(f"<{n_dims}Q", f"the dims of tensor {name}")
-            kind, offset = r.unpack("<IQ", f"the type and offset of tensor {name}")
-            infos.append((name, dims, kind, offset))
-        data_start = -(-f.tell() // alignment) * alignment  # tensor data begins at the next aligned byte
-
-    seen, spans = set(), []
+    seen, spans, tensors = set(), [], []
     for name, dims, kind, offset in infos:
         where = f"{path}: tensor {name}"
         if name in seen:
             raise ModelFileError(f"{where} appears twice")
         seen.add(name)
-        if kind not in set(map(int, gguf.GGML_QUANT_SIZES)):
+        if kind not in GGML_BLOCK_SIZES:
             raise ModelFileError(f"{where} has unknown ggml type {kind}")
-        block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
+        block, block_bytes = GGML_BLOCK_SIZES[kind]
         if dims[0] % block:
             raise ModelFileError(f"{where}: row length {dims[0]} is not a multiple of its block size {block}")
         nbytes = math.prod(dims) // block * block_bytes
@@ -153,34 +202,32 @@ def check_gguf_header(path: Path) -> None:
             raise ModelFileError(f"{where}: its {nbytes} bytes at offset {offset} run past the end of the file "
                                  f"({size - data_start} bytes of tensor data)")
         spans.append((offset, offset + nbytes, name))
+        tensors.append((name, dims, kind, data_start + offset, nbytes))
     spans.sort()
     for (_, end, name), (begin, _, other) in zip(spans, spans[1:]):
         if begin < end:
             raise ModelFileError(f"{path}: tensors {name} and {other} overlap")
+    return fields, tensors, size
 
 
-def open_gguf(path: Path):
-    """The gguf package's reader, with one speed-up (below), on a file whose header was checked first."""
-    import gguf  # imported here: it is only needed for GGUF files
+def open_gguf(path: Path) -> GGUFFile:
+    """Read a GGUF file: its metadata, checked (check_gguf_header), and its tensors as views of one read-only
+    memory map (nothing is read until used)."""
+    from .quants import GGML_BLOCK_SIZES
 
-    check_gguf_header(path)
-
-    class Reader(gguf.GGUFReader):
-        # GGUFReader slices its np.memmap about three million times to parse a 262k-token vocabulary, and
-        # every slice of the memmap subclass pays for __array_finalize__. A plain ndarray view of the same
-        # map (still no copy) parses about 3x faster: ~6 s -> ~2 s for the built-in model.
-        @property
-        def data(self):
-            return self._data
-
-        @data.setter
-        def data(self, value):
-            self._data = value.view(np.ndarray)
-
-    try:
-        return Reader(path)
-    except Exception as e:  # the reader raises ValueError/KeyError/struct errors of many kinds on bad files
-        raise ModelFileError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    fields, infos, size = check_gguf_header(path)
+    mapped = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray) if infos else None
+    tensors = []
+    for name, dims, kind, start, nbytes in infos:
+        raw = mapped[start:start + nbytes]
+        shape = tuple(int(d) for d in reversed(dims))  # NumPy order: slowest dim first
+        if kind in (0, 1):  # F32, F16: typed, as the gguf package gives them
+            data = raw.view("<f4" if kind == 0 else "<f2").reshape(shape)
+        else:  # bytes, one row of blocks per matrix row
+            block, block_bytes = GGML_BLOCK_SIZES[kind]
+            data = raw.reshape(shape[:-1] + (shape[-1] // block * block_bytes,))
+        tensors.append(GGUFTensorInfo(name, tuple(dims), kind, data))
+    return GGUFFile(fields, tensors)
 
 
 def field(reader, key: str, default=None):
@@ -196,8 +243,9 @@ def number(reader, key: str, path: Path, default=None, positive: bool = True):
     f = reader.fields.get(key)
     if f is None:
         return default
-    if len(f.types) != 1 or int(f.types[0]) not in _NUMBERS:
-        raise ModelFileError(f"{path}: metadata {key} is a {'/'.join(t.name for t in f.types)}, expected a number")
+    if len(f.types) != 1 or f.types[0] not in _NUMBERS:
+        raise ModelFileError(f"{path}: metadata {key} is a {'/'.join(_TYPE_NAMES[t] for t in f.types)}, "
+                             "expected a number")
     value = f.contents()
     if positive and not value > 0:  # also catches NaN
         raise ModelFileError(f"{path}: metadata {key} is {value}, expected a positive number")
@@ -295,7 +343,10 @@ class GGUFTensor(StoredTensor):
         return array
 
     def rows(self, start: int, stop: int) -> np.ndarray:
-        return dequantize(self.t.data[start:stop], self.t.tensor_type, (stop - start,) + self.shape[1:])
+        view = self.t.data[start:stop]
+        block = dequantize(view, self.t.tensor_type, (stop - start,) + self.shape[1:])
+        release_pages(view)  # converted once: the file's pages need not stay in this process's memory
+        return block
 
     def stored(self, kind: str):
         # Q8_0 *is* our int8 and Q4_1 our int4, byte for byte: used in place, with no copy and no requantizing
@@ -303,6 +354,13 @@ class GGUFTensor(StoredTensor):
             return Int8.from_q8_0(self.t.data, self.shape)
         if (kind, self.type) == ("int4", "Q4_1"):
             return Int4.from_q4_1(self.t.data, self.shape)
+        # Q4_0 and Q5_0 are d * k with k in -8..7 or -16..15: int8 holds that exactly with the same scale,
+        # so these are re-encoded, not requantized (no rounding at all)
+        if kind == "int8" and self.type in ("Q4_0", "Q5_0"):
+            rows, groups = self.shape[0], self.shape[1] // 32
+            blocks = np.asarray(self.t.data).reshape(rows * groups, -1)
+            d, k = symmetric_levels(blocks, self.type)
+            return Int8(q=k.reshape(rows, groups, 32), d=d.reshape(rows, groups))
         if (kind, self.type) == ("float16", "F16"):
             return Float16Bits(self.t.data, "float16")
         if (kind, self.type) == ("bfloat16", "BF16"):

@@ -20,7 +20,7 @@ from .config import GemmaConfig
 from .errors import ModelFileError
 from .params import Params, build_params
 from .quants import bf16_to_f32
-from .weights import Float16Bits, StoredTensor
+from .weights import Float16Bits, StoredTensor, release_pages
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # BF16: raw bits, widened below
 
@@ -132,7 +132,10 @@ class SafetensorsTensor(StoredTensor):
         return self.file.get(self.name)
 
     def rows(self, start: int, stop: int) -> np.ndarray:
-        return _widen(self.file.raw(self.name)[start:stop], self.dtype)
+        view = self.file.raw(self.name)[start:stop]
+        block = _widen(view, self.dtype)
+        release_pages(view)  # converted once: the file's pages need not stay in this process's memory
+        return block
 
     def stored(self, kind: str):
         # 16-bit tensors are used as they are, viewed in the memory-mapped file

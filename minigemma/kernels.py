@@ -9,13 +9,25 @@ The NumPy reference for a stored (non-float32) weight is the readable definition
 to float32, multiply, move on. It never widens a whole matrix at once: a float16 LM head of the 270M model
 widened in full would be 670 MB per token.
 
-(The two products inside attention, q.k and probs.v, have no weights and stay in layers.attention.)
+Attention goes through `attention` here too: the NumPy version is layers.attention with its mask built from
+positions; the Numba one never builds the (T, S) matrix.
+
+Backends. The functions in this module are the NumPy reference. `use_backend("numba")` rebinds `linear`,
+`attention` and `prepare` in this module to their compiled twins in kernels_numba.py (same signatures, same
+answers within float32 summation order); `use_backend("numpy")` puts these back. That is why everything
+calls `kernels.linear(...)` through the module. The backend is one per process: `minigemma.load(...,
+backend=...)`, the environment variable MINIGEMMA_BACKEND, or `--backend` choose it; by default it is numba
+where Numba imports, else numpy. Weights loaded for one backend work on the other (slower: `prepare` chose
+their layout for the backend of the load).
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
+from . import layers  # (layers calls kernels too: a module import resolves names at call time)
 from .weights import block_rows
 
 
@@ -42,4 +54,67 @@ def embedding_rows(table, token_ids: np.ndarray) -> np.ndarray:
     """
     if isinstance(table, np.ndarray):
         return table[token_ids].astype(np.float32, copy=False)
+    if hasattr(table, "take"):  # the packed layouts gather rows directly (weights.Int8x64)
+        return table.take(token_ids)
     return np.concatenate([table.rows(i, i + 1) for i in np.asarray(token_ids).tolist()])
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_positions: np.ndarray, k_positions: np.ndarray,
+              window: int | None, scale: float, cap: float | None) -> np.ndarray:
+    """Attention of queries at `q_positions` over keys at `k_positions`: causal, and on a sliding layer only
+    the last `window` positions (layers.attention_mask); scale, soft-cap, mask, softmax (layers.attention).
+
+    Shapes: q (H, T, Dh), k, v (K, S, Dh), (T,), (S,) -> (H, T, Dh)
+    """
+    return layers.attention(q, k, v, layers.attention_mask(q_positions, k_positions, window), scale, cap)
+
+
+def prepare(w):
+    """A weight in the layout this backend's kernels read best: for NumPy, as it is."""
+    return w
+
+
+# ---- choosing the backend ------------------------------------------------------------------------------------
+
+BACKENDS = ("numpy", "numba")
+REFERENCE = {"linear": linear, "attention": attention, "prepare": prepare}  # the NumPy definitions, kept
+backend = "numpy"  # the one in use
+
+
+def numba_available() -> bool:
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def default_backend() -> str:
+    """MINIGEMMA_BACKEND if set, else numba where it imports, else numpy."""
+    name = os.environ.get("MINIGEMMA_BACKEND", "").strip().lower()
+    if name:
+        if name not in BACKENDS:
+            raise ValueError(f"MINIGEMMA_BACKEND={name!r}: expected one of {', '.join(BACKENDS)}")
+        return name
+    return "numba" if numba_available() else "numpy"
+
+
+def use_backend(name: str | None = None) -> str:
+    """Make `name` (None: default_backend()) the backend of every kernel call from now on; returns it."""
+    global backend
+    name = default_backend() if name is None else name
+    if name not in BACKENDS:
+        raise ValueError(f"backend={name!r}: expected one of {', '.join(BACKENDS)}")
+    if name == "numba":
+        if not numba_available():
+            raise ValueError("backend='numba' needs the numba package (pip install numba)")
+        from . import kernels_numba
+
+        kernels_numba.configure()
+        table = {"linear": kernels_numba.linear, "attention": kernels_numba.attention,
+                 "prepare": kernels_numba.prepare}
+    else:
+        table = REFERENCE
+    globals().update(table)
+    backend = name
+    return name

@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import kernels
 from .config import GemmaConfig
 from .errors import InvalidArgument, ModelFileError
 from .model import Gemma
@@ -77,13 +78,18 @@ def resolve_repo_id(repo_id: str) -> Path:
 
 
 def load(source: str | os.PathLike | None = None, *, quantize: str | None = None, dtype: str | None = None,
-         progress: bool | None = None) -> Gemma:
+         progress: bool | None = None, backend: str | None = None) -> Gemma:
     """Load a Gemma model from a directory, a .gguf file, an HF repo id, or (None) the built-in model.
 
     By default every weight is float32: the reference. `quantize="int8"` or `"int4"` stores the matrices
     quantized, `dtype="bfloat16"` or `"float16"` stores them in 16 bits (weights.py); either way each tensor
     is converted as it is read, so memory stays near the final size, and norms stay float32. Computation is
     float32 whatever the storage.
+
+    `backend` chooses the kernels for the whole process (kernels.use_backend): "numba" (the default where
+    Numba imports, unless the environment variable MINIGEMMA_BACKEND says otherwise) or "numpy", the
+    readable reference. Both give the same answers; with numba, int8/int4 matrices are repacked as they load
+    into the layout its kernels read fastest (same bytes).
     """
     if quantize not in (None,) + QUANTIZE_CHOICES:
         raise InvalidArgument(f"quantize={quantize!r}: expected None or one of {', '.join(QUANTIZE_CHOICES)}")
@@ -94,6 +100,7 @@ def load(source: str | os.PathLike | None = None, *, quantize: str | None = None
                          "stored)")
     if progress is None:
         progress = sys.stderr.isatty()
+    kernels.use_backend(backend)
 
     path = default_model_path() if source is None else Path(source)
     if not path.exists():
@@ -134,11 +141,14 @@ def _load_gguf(path: Path, progress: bool, quantize: str | None, dtype: str | No
 
     reader = open_gguf(path)
     config = config_from_gguf(reader, path)
-    params = load_gguf_params(reader, config, path, progress=progress, quantize=quantize, dtype=dtype)
     tokenizer = None
     if "tokenizer.ggml.tokens" in reader.fields:
         try:
             tokenizer = Tokenizer.from_gguf(reader)
         except ValueError as e:
             raise ModelFileError(f"{path}: {e}") from None
+    # The parsed metadata is millions of small objects (~300 MB for a 262k-token vocabulary) and the weights
+    # only need the tensor list: free it before they load, so the two never count together in peak memory.
+    reader.fields.clear()
+    params = load_gguf_params(reader, config, path, progress=progress, quantize=quantize, dtype=dtype)
     return Gemma(config, params, tokenizer, source=str(path))

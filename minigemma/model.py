@@ -12,14 +12,15 @@ import numpy as np
 from .config import GemmaConfig
 from . import kernels
 from .errors import ContextOverflow, InvalidArgument, ModelFileError
-from .kvcache import KVCache
-from .layers import apply_rope, attention, attention_mask, embed, mlp, rms_norm, rope_angles, softcap
+from .kvcache import KVCache, LayerCache
+from .layers import apply_rope, embed, mlp, rms_norm, rope_angles, softcap
 from .params import LayerParams, Params, params_nbytes
 from .recording import record
 
 
-def self_attention(x, p: LayerParams, c: GemmaConfig, layer: int, rope, positions, cache: KVCache):
-    """Project to heads, (Gemma 3: QK-norm), rotate, cache, attend, project back.
+def self_attention(x, p: LayerParams, c: GemmaConfig, layer: int, rope, window, kv: LayerCache, positions):
+    """Project to heads, (Gemma 3: QK-norm), rotate, cache, attend (over the last `window` positions, or all
+    with None), project back.
 
     Shapes: (T, D) -> (T, D)
     """
@@ -32,21 +33,20 @@ def self_attention(x, p: LayerParams, c: GemmaConfig, layer: int, rope, position
         k = rms_norm(k, p.k_norm, c.rms_norm_eps)
     cos, sin = rope
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    k, v, k_positions = cache.layers[layer].update(k, v, positions)  # (K, S, Dh) each
-    window = c.layer_window(layer)
+    k, v, k_positions = kv.update(k, v, positions)  # (K, S, Dh) each: the cached positions and these
     record(layer, q=q, k=k, v=v, q_positions=positions, k_positions=k_positions, window=window,
            scale=c.attn_scale, softcap=c.attn_logit_softcapping)  # what the attention pattern is made of
-    out = attention(q, k, v, attention_mask(positions, k_positions, window),
-                    c.attn_scale, c.attn_logit_softcapping)  # (H, T, Dh)
+    out = kernels.attention(q, k, v, positions, k_positions, window,
+                            c.attn_scale, c.attn_logit_softcapping)  # (H, T, Dh)
     return kernels.linear(out.transpose(1, 0, 2).reshape(T, H * Dh), p.o_proj)  # (H, T, Dh) -> (T, H*Dh) -> (T, D)
 
 
-def block(x, p: LayerParams, c: GemmaConfig, layer: int, rope, positions, cache: KVCache):
+def block(x, p: LayerParams, c: GemmaConfig, layer: int, rope, window, kv: LayerCache, positions):
     """One transformer block. Shapes: (T, D) -> (T, D)"""
     eps = c.rms_norm_eps
     h = rms_norm(x, p.input_norm, eps)
     record(layer, attn_norm=h)
-    h = self_attention(h, p, c, layer, rope, positions, cache)
+    h = self_attention(h, p, c, layer, rope, window, kv, positions)
     record(layer, attn_out=h)
     if c.sandwich_norms:
         h = rms_norm(h, p.post_attn_norm, eps)
@@ -85,7 +85,10 @@ def forward(params: Params, c: GemmaConfig, token_ids, cache: KVCache, last_only
     # one cos/sin table per layer type: Gemma 3 uses base 1e6 on global layers and 1e4 on sliding ones
     ropes = {t: rope_angles(positions, c.head_dim, r.theta, r.factor) for t, r in c.rope.items()}
     for i, p in enumerate(params.layers):
-        x = block(x, p, c, i, ropes[c.layer_types[i]], positions, cache)
+        # each layer's choices, made here: its RoPE table and window by its type (sliding or global), its cache
+        x = block(x, p, c, i, rope=ropes[c.layer_types[i]], window=c.layer_window(i), kv=cache.layers[i],
+                  positions=positions)
+    # commit: the layers wrote past cache.length; an exception above left the cache as it was
     cache.length += len(token_ids)
 
     if last_only:

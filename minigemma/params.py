@@ -12,6 +12,7 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
+from . import kernels
 from .config import GemmaConfig
 from .errors import ModelFileError
 from .weights import StoredTensor, nbytes, storage_for, to_weight
@@ -132,6 +133,7 @@ def build_params(config: GemmaConfig, tensors: Mapping[str, StoredTensor], colum
             raise
         except ValueError as e:  # e.g. a GGML type we can't dequantize, or a width int8 can't group
             raise ModelFileError(f"{source}: tensor {name}: {e}") from None
+        weight = kernels.prepare(weight)  # the layout the backend's kernels read best (kernels_numba.prepare)
         done()
         return weight
 

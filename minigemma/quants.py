@@ -67,8 +67,8 @@ def _q8_0(blocks):
 # block_q4_0, 18 bytes: d fp16 [0:2] | qs 16 bytes [2:18], two 4-bit weights per byte
 #   x[i] = d * (q[i] - 8)       q[0:16] = low nibbles, q[16:32] = high nibbles
 def _q4_0(blocks):
-    d, q = _f16(blocks[:, :2]), _nibbles(blocks[:, 2:])
-    return d * (q.astype(np.float32) - 8)
+    d, k = symmetric_levels(blocks, "Q4_0")
+    return d.astype(np.float32)[:, None] * k.astype(np.float32)
 
 
 # block_q4_1, 20 bytes: d fp16 [0:2] | m fp16 [2:4] | qs 16 bytes [4:20]
@@ -86,8 +86,21 @@ def _fifth_bits(qh: np.ndarray) -> np.ndarray:
 # block_q5_0, 22 bytes: d fp16 [0:2] | qh uint32 [2:6] | qs 16 bytes [6:22]
 #   x[i] = d * ((q[i] | h[i] << 4) - 16)     q as in Q4_0, h[i] = bit i of qh
 def _q5_0(blocks):
-    d, h, q = _f16(blocks[:, :2]), _fifth_bits(blocks[:, 2:6]), _nibbles(blocks[:, 6:])
-    return d * ((q | h << 4).astype(np.float32) - 16)
+    d, k = symmetric_levels(blocks, "Q5_0")
+    return d.astype(np.float32)[:, None] * k.astype(np.float32)
+
+
+def symmetric_levels(blocks: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_0 or Q5_0 blocks as their fp16 scale and signed integer levels: x = d * k.
+
+    (n, 18 or 22) uint8 -> d (n,) float16, k (n, 32) int8 with k in -8..7 (Q4_0) or -16..15 (Q5_0). These
+    levels fit int8 with the same scale, so such a tensor becomes minigemma's int8 (Q8_0 layout) exactly."""
+    d = np.ascontiguousarray(blocks[:, :2]).view("<f2")[:, 0]
+    if name == "Q4_0":
+        k = _nibbles(blocks[:, 2:]).astype(np.int8) - np.int8(8)
+    else:
+        k = (_nibbles(blocks[:, 6:]) | _fifth_bits(blocks[:, 2:6]) << 4).astype(np.int8) - np.int8(16)
+    return d, k
 
 
 # block_q5_1, 24 bytes: d fp16 [0:2] | m fp16 [2:4] | qh uint32 [4:8] | qs 16 bytes [8:24]
@@ -173,6 +186,17 @@ _TABLE = {
 }
 
 SUPPORTED_TYPES: dict[int, str] = {type_id: row[0] for type_id, row in _TABLE.items()}
+
+
+def _all_block_sizes() -> dict[int, tuple[int, int]]:
+    """(elements, bytes) per block of every ggml type the gguf package knows, the ones we can't dequantize
+    too (a file may hold them; it is the loader's job to say which tensor has which unsupported type)."""
+    from gguf import GGML_QUANT_SIZES
+
+    return {int(t): sizes for t, sizes in GGML_QUANT_SIZES.items()}
+
+
+GGML_BLOCK_SIZES = _all_block_sizes()
 
 
 def _type_name(ggml_type: int) -> str:

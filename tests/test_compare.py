@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import minigemma
-from minigemma import layers
+from minigemma import kernels, layers
 from minigemma.compare import compare
 from minigemma.config import FULL, SLIDING
 from minigemma.model import Gemma
@@ -115,6 +115,8 @@ def test_compare_names_where_an_injected_bug_starts(pair, bug, monkeypatch):
     ours, hf, ids = pair(name)
     module, function = target.split(".")
     monkeypatch.setattr(getattr(minigemma, module), function, buggy)
+    # the NumPy attention, which calls layers.attention_probs: a compiled backend's kernel would not see that bug
+    monkeypatch.setattr(kernels, "attention", kernels.REFERENCE["attention"])
     report = compare(ours, hf, ids)
     first = report.first_departure
     assert first is not None and (first.layer, first.step) == (layer, step), report.format()
@@ -122,6 +124,7 @@ def test_compare_names_where_an_injected_bug_starts(pair, bug, monkeypatch):
     assert first.rel_diff > 3 * report.threshold  # threshold 3e-5; measured 1.3e-4 (exact GELU), the others >= 0.6
     before = report.differences[:report.differences.index(first)]
     assert all(d.rel_diff < report.threshold / 10 for d in before)  # measured <= 3.3e-7
+    assert report.departs(report.difference(None, "logits"))  # the model's output changed, not just a recording
     text = report.format()
     assert f"first departure from float32 noise: {first.where()}" in text
 

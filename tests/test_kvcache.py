@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import random_params, rel_err
 from minigemma.config import GemmaConfig
+from minigemma import model as model_module
+from minigemma.layers import mlp
 from minigemma.model import Gemma
 
 
@@ -48,3 +51,60 @@ def test_cached_decode_equals_full_forward(config, length, prefill, seed):
     assert cache.length == length
     assert cached.shape == full.shape
     assert rel_err(cached, full) < 1e-5
+
+
+def tiny_model(seed: int = 0) -> Gemma:
+    config = GemmaConfig.from_hf_dict(dict(model_type="gemma3_text", vocab_size=50, hidden_size=16,
+                                           intermediate_size=24, num_hidden_layers=4, num_attention_heads=2,
+                                           num_key_value_heads=1, head_dim=8, sliding_window=3,
+                                           sliding_window_pattern=2))
+    return Gemma(config, random_params(config, np.random.default_rng(seed)))
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+@pytest.mark.parametrize("new_tokens", [1, 70])  # 70: past the first buffer (64 slots), so buffers are replaced
+def test_interrupted_forward_leaves_the_cache_as_it_was(monkeypatch, error, new_tokens):
+    """An exception (or Ctrl-C) in the MLP of layer 2, after layers 0-2 wrote their keys and values: the cache
+    holds what it held, and continuing from it gives the same logits as a run that was never interrupted."""
+    model = tiny_model()
+    ids = np.random.default_rng(1).integers(0, 50, 5 + new_tokens + 3)
+    cache = model.new_cache()
+    model.step(ids[:5], cache)
+    before = [(layer.k.copy(), layer.v.copy(), layer.positions.copy()) for layer in cache.layers]
+
+    calls = []
+
+    def failing_mlp(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise error("stop")
+        return mlp(*args)
+
+    monkeypatch.setattr(model_module, "mlp", failing_mlp)
+    with pytest.raises(error):
+        model.step(ids[5:5 + new_tokens], cache)
+    assert len(calls) == 3  # it did stop inside the pass
+    monkeypatch.setattr(model_module, "mlp", mlp)
+
+    assert cache.length == 5
+    for layer, (k, v, positions) in zip(cache.layers, before):
+        assert np.array_equal(layer.k, k) and np.array_equal(layer.v, v)
+        assert np.array_equal(layer.positions, positions)
+    rest = model.step(ids[5:], cache, last_only=False)
+    assert rel_err(rest, model.forward(ids)[5:]) < 1e-5  # measured ~1e-7
+
+
+def test_decode_writes_into_the_buffer_without_copying():
+    """A decode step adds one row to each layer's buffer: what was cached stays where it was."""
+    model = tiny_model()
+    cache = model.new_cache()
+    model.step([1, 2, 3, 4, 5], cache)
+    global_layer = next(i for i in range(4) if model.config.layer_window(i) is None)
+    held = cache.layers[global_layer].k
+    model.step([6], cache)
+    after = cache.layers[global_layer].k
+    assert after.shape[1] == 6 and np.shares_memory(held, after)
+    assert np.array_equal(after[:, :5], held)
+    with pytest.raises(ValueError, match="cannot add position 9"):  # positions continue the cache, no gaps
+        cache.layers[global_layer].update(np.zeros((1, 1, 8), np.float32), np.zeros((1, 1, 8), np.float32),
+                                          np.array([9]))

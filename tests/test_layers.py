@@ -386,7 +386,8 @@ def attention_outputs(hf_config, c: GemmaConfig, layer: int, positions, seed: in
                       attention_mask=additive_mask(positions, c.layer_window(layer)))
     p = LayerParams(input_norm=DUMMY, pre_mlp_norm=DUMMY, gate_proj=DUMMY, up_proj=DUMMY, down_proj=DUMMY,
                     **attention_params(attn))
-    ours = model.self_attention(x, p, c, layer, our_rope(c, layer, positions), positions, KVCache(c))
+    ours = model.self_attention(x, p, c, our_rope(c, layer, positions), c.layer_window(layer), KVCache(c).layers[layer],
+                                positions)
     return ours, ref[0].numpy()
 
 
@@ -424,8 +425,11 @@ def test_self_attention_in_two_calls_matches_transformers(name):
     p = LayerParams(input_norm=DUMMY, pre_mlp_norm=DUMMY, gate_proj=DUMMY, up_proj=DUMMY, down_proj=DUMMY,
                     **attention_params(attn))
     cache = KVCache(c)
-    parts = [model.self_attention(x[s], p, c, layer, our_rope(c, layer, positions[s]), positions[s], cache)
-             for s in (slice(0, 7), slice(7, T_SEQ))]
+    parts = []
+    for s in (slice(0, 7), slice(7, T_SEQ)):
+        parts.append(model.self_attention(x[s], p, c, our_rope(c, layer, positions[s]), c.layer_window(layer),
+                                          cache.layers[layer], positions[s]))
+        cache.length += len(positions[s])  # commit, as model.forward does
     assert_close(np.concatenate(parts), ref)
 
 
@@ -438,11 +442,12 @@ def test_softcap_and_window_change_attention():
     positions = np.arange(T_SEQ)
     x = np.random.default_rng(9).standard_normal((T_SEQ, c.hidden_size)).astype(np.float32)
     rope = our_rope(c, layer, positions)
-    base = model.self_attention(x, p, c, layer, rope, positions, KVCache(c))
+    base = model.self_attention(x, p, c, rope, c.layer_window(layer), KVCache(c).layers[layer], positions)
     no_cap = dataclasses.replace(c, attn_logit_softcapping=None)
     no_window = dataclasses.replace(c, layer_types=(FULL,) * c.num_hidden_layers)
     for other in (no_cap, no_window):
-        diff = model.self_attention(x, p, other, layer, rope, positions, KVCache(other)) - base
+        diff = model.self_attention(x, p, other, rope, other.layer_window(layer), KVCache(other).layers[layer],
+                                    positions) - base
         assert np.max(np.abs(diff)) > 1e3 * RTOL * np.max(np.abs(base))
 
 
@@ -474,8 +479,8 @@ def test_block_matches_transformers(name, version):
                       position_ids=torch.as_tensor(positions)[None])
     ref = (ref[0] if isinstance(ref, tuple) else ref)[0].numpy()
 
-    ours = model.block(x, block_params(decoder, version), c, layer, our_rope(c, layer, positions), positions,
-                       KVCache(c))
+    ours = model.block(x, block_params(decoder, version), c, our_rope(c, layer, positions), c.layer_window(layer),
+                       KVCache(c).layers[layer], positions)
     assert ours.dtype == np.float32
     assert_close(ours, ref)
     # the block is residual: the output is not just its input

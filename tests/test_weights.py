@@ -211,6 +211,15 @@ def test_conversion_goes_a_block_of_rows_at_a_time(monkeypatch, kind):
 
 
 # ---- whole models ------------------------------------------------------------------------------------------
+# Loaded with the NumPy backend: these tests are about the reference weight types (the Numba backend repacks
+# int8/int4 into its own layouts, tested in test_kernels_numba.py). load() sets the backend for the process,
+# so each test hands the default back.
+
+@pytest.fixture(autouse=True)
+def default_backend_after():
+    yield
+    kernels.use_backend()
+
 
 @pytest.fixture(scope="module")
 def tiny_bf16_dir(tmp_path_factory):
@@ -226,7 +235,7 @@ def test_bfloat16_checkpoint_is_used_in_place(tiny_bf16_dir):
 
     ids = np.arange(1, 30) % 150
     ref = minigemma.load(tiny_bf16_dir)
-    m = minigemma.load(tiny_bf16_dir, dtype="bfloat16")
+    m = minigemma.load(tiny_bf16_dir, dtype="bfloat16", backend="numpy")
     q = m.params.layers[0].q_proj
     assert isinstance(q, Float16Bits) and q.dtype == "bfloat16" and not q.data.flags.owndata
     assert m.params.layers[0].input_norm.dtype == np.float32  # norms stay float32
@@ -250,7 +259,7 @@ def test_quantized_model_is_the_model_on_dequantized_weights(tiny_bf16_dir, quan
     from conftest import rel_err
 
     ids = np.arange(1, 30) % 150
-    m = minigemma.load(tiny_bf16_dir, quantize=quantize)
+    m = minigemma.load(tiny_bf16_dir, quantize=quantize, backend="numpy")
     assert isinstance(m.params.embed, Int8)  # int4 keeps the tied embedding / head at int8
     assert isinstance(m.params.layers[0].q_proj, Int8 if quantize == "int8" else Int4)
     widened = widen(m.params)
@@ -272,10 +281,11 @@ def test_bad_storage_arguments_are_named(tiny_bf16_dir, kwargs, message):
 @pytest.mark.slow
 def test_gguf_q8_0_tensors_are_used_as_stored(gguf_path, gguf_reader):
     """The built-in file's Q8_0 tensors (the embedding and some attn_v) become int8 weights that are views of
-    the memory-mapped file, no copy and no requantizing: bit-identical to gguf's own dequantizer."""
+    the memory-mapped file, no copy and no requantizing: bit-identical to gguf's own dequantizer. Its Q5_0
+    tensors are re-encoded exactly; only the K-quants are requantized."""
     from minigemma.params import LAYER_TENSORS
 
-    m = minigemma.load(gguf_path, quantize="int8", progress=False)
+    m = minigemma.load(gguf_path, quantize="int8", progress=False, backend="numpy")
     field = {s.gguf: s.field for s in LAYER_TENSORS}
 
     def param(name):  # the loaded weight of a GGUF tensor name
@@ -290,9 +300,17 @@ def test_gguf_q8_0_tensors_are_used_as_stored(gguf_path, gguf_reader):
         w = param(t.name)
         assert isinstance(w, Int8) and not w.q.flags.writeable and not w.q.flags.owndata, t.name  # a file view
         np.testing.assert_array_equal(dequantize(w), gguf_quants.dequantize(t.data, T.Q8_0), t.name)
-    # and the matrices of other types (Q4_K, Q5_0, Q6_K) were requantized to int8, into arrays of their own
-    others = [t for t in gguf_reader.tensors if t.tensor_type not in (T.Q8_0, T.F32)]
+    # Q5_0 tensors are d * k with |k| <= 16: re-encoded as int8 with the same scales, exactly
+    q5 = [t for t in gguf_reader.tensors if t.tensor_type == T.Q5_0]
+    assert q5
+    for t in q5:
+        w = param(t.name)
+        assert isinstance(w, Int8), t.name
+        np.testing.assert_array_equal(dequantize(w), gguf_quants.dequantize(t.data, T.Q5_0), t.name)
+    # and the K-quants (Q4_K, Q6_K) were requantized to int8, into arrays of their own
+    others = [t for t in gguf_reader.tensors if t.tensor_type in (T.Q4_K, T.Q6_K)]
     assert others
     for t in others:
         w = param(t.name)
         assert isinstance(w, Int8) and w.q.flags.writeable, t.name
+        assert not np.array_equal(dequantize(w), gguf_quants.dequantize(t.data, t.tensor_type)), t.name

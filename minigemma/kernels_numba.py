@@ -1,0 +1,464 @@
+"""The Numba backend: compiled twins of the hot kernels in kernels.py, same signatures, same answers.
+
+Chosen by `minigemma.load(..., backend="numba")`, `MINIGEMMA_BACKEND=numba` or `--backend numba` (the default
+where Numba imports; see kernels.use_backend). Only these get a twin:
+
+    linear(x, w)        one-token products (decode): a matrix-vector kernel per weight type (float32,
+                        bfloat16/float16, and int8/int4 in the packed layouts of weights.py, Int8x64 and
+                        Int4x64), reading each weight once
+                        many-token products (prefill): weights dequantized a cache-sized tile at a time
+                        into float32, then BLAS sgemm (x @ tile): a hand-written GEMM rarely beats BLAS
+    attention(...)      one kernel for decode and prefill: per (head, tile of queries), an online softmax
+                        over tiles of keys (the flash-attention idea), so no (T, S) score matrix is built,
+                        and a sliding-window layer only visits the keys inside its window
+
+Rules the kernels follow (docs/kernels.md):
+  * each has a header with the math and the shapes, like the NumPy twin it mirrors;
+  * `prange` only over independent outputs (blocks of rows, heads); no exceptions or globals inside;
+  * arithmetic is float32; integers from the weights are widened one element at a time;
+  * fastmath is limited to reassociation and contraction (FMA): sums may be reordered (float32 summation
+    order tolerance), but -inf, NaN and division keep their meaning (the attention mask relies on -inf);
+  * `cache=True`: compiled once, stored in __pycache__, reloaded by later processes.
+
+NUMBA_DISABLE_JIT=1 turns every kernel back into plain Python over NumPy arrays: slow, but a debugger can step
+through it line by line (docs/kernels.md).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from . import kernels as reference
+from .weights import BLOCK_BYTES, GROUP, ROWS, Float16Bits, Int4, Int4x64, Int8, Int8x64
+
+f32 = np.float32
+FAST = {"reassoc", "contract"}  # reorder sums, fuse multiply-adds; nothing that changes -inf or NaN
+MATVEC_MAX_T = 8  # up to this many tokens, re-read each weight block from cache per token (no dequantizing)
+
+
+# ---- fp16 scales ----------------------------------------------------------------------------------------------
+
+@njit(inline="always", cache=True)
+def fp16_to_f32(bits, out):
+    """Widen float16 bit patterns (uint16) to float32, as the CPU's vcvtph2ps would (finite values only).
+
+    Numba has no float16 arithmetic on the CPU, so this is the classic bit trick: put the 5 exponent and
+    10 mantissa bits where a float32 keeps its own, then multiply by 2^112 to move the exponent bias from
+    15 to 127 (which also turns fp16 subnormals into the right normal float32); the sign goes back last.
+
+    Shapes: (N,) uint16, (N,) float32 out
+    """
+    u = out.view(np.uint32)
+    for i in range(bits.shape[0]):
+        u[i] = (np.uint32(bits[i]) & np.uint32(0x7FFF)) << np.uint32(13)
+    for i in range(bits.shape[0]):
+        out[i] *= f32(2.0 ** 112)
+    for i in range(bits.shape[0]):
+        u[i] |= (np.uint32(bits[i]) & np.uint32(0x8000)) << np.uint32(16)
+
+
+# ---- matrix-vector products (decode) --------------------------------------------------------------------------
+
+@njit(parallel=True, fastmath=FAST, cache=True)
+def int8x64_matvec(x, q, d, out):
+    """out[t, 64b + r] = sum_g d[b, g, r] * sum_j q[b, g, j, r] * x[t, 32g + j]       (Int8x64 @ x)
+
+    The innermost loop runs across the 64 rows of a block: 64 independent float32 sums that the compiler
+    keeps in vector registers, one 64-byte cache line of weights per input element. Each thread takes whole
+    blocks; a block (in * 64 bytes) stays in cache while it serves every token of x.
+
+    Shapes: x (T, in), q (B, G, 32, 64) int8, d (B, G, 64) uint16 (fp16 bits), out (T, B*64)
+    """
+    B, G = q.shape[0], q.shape[1]
+    for b in prange(B):
+        acc = np.empty(ROWS, f32)
+        part = np.empty(ROWS, f32)
+        scale = np.empty(ROWS, f32)
+        for t in range(x.shape[0]):
+            acc[:] = 0
+            for g in range(G):
+                part[:] = 0
+                for j in range(GROUP):
+                    xj = x[t, g * GROUP + j]
+                    for r in range(ROWS):
+                        part[r] += xj * f32(q[b, g, j, r])
+                fp16_to_f32(d[b, g], scale)
+                for r in range(ROWS):
+                    acc[r] += scale[r] * part[r]
+            out[t, b * ROWS:(b + 1) * ROWS] = acc
+
+
+@njit(parallel=True, fastmath=FAST, cache=True)
+def int4x64_matvec(x, nibbles, d, m, out):
+    """out[t, 64b + r] = sum_g d[b, g, r] * sum_j q[b, g, j, r] * x[t, 32g + j] + m[b, g, r] * sum_j x[t, 32g + j]
+
+    (Int4x64 @ x.) The minimum m of a group multiplies the sum of its 32 inputs, computed once per token for
+    all rows, so the inner loop is the int8 kernel's with two nibbles per byte. The nibbles are split in
+    float32, not with integer masks and shifts: Numba types `byte & 15` as a 64-bit integer, and the
+    generated code then widens bytes to 64 bits and converts 8 at a time (vpmovzxbq, vcvtqq2ps). With the
+    byte b as a float, hi = floor(b / 16) and lo = b - 16 hi, so
+        x_lo * lo + x_hi * hi = x_lo * b + (x_hi - 16 x_lo) * hi
+    which is one conversion, one multiply, one rounding and two fused multiply-adds per byte (two weights).
+
+    Shapes: x (T, in), nibbles (B, G, 16, 64) uint8, d, m (B, G, 64) uint16 (fp16 bits), out (T, B*64)
+    """
+    B, G = nibbles.shape[0], nibbles.shape[1]
+    half = GROUP // 2
+    for b in prange(B):
+        acc = np.empty(ROWS, f32)
+        part = np.empty(ROWS, f32)
+        scale = np.empty(ROWS, f32)
+        low = np.empty(ROWS, f32)
+        for t in range(x.shape[0]):
+            acc[:] = 0
+            for g in range(G):
+                part[:] = 0
+                xsum = f32(0)
+                for j in range(half):
+                    x_lo, x_hi = x[t, g * GROUP + j], x[t, g * GROUP + j + half]
+                    xsum += x_lo + x_hi
+                    x_hi_minus = x_hi - f32(16) * x_lo
+                    for r in range(ROWS):
+                        byte = f32(nibbles[b, g, j, r])
+                        part[r] += x_lo * byte + x_hi_minus * np.floor(byte * f32(0.0625))
+                fp16_to_f32(d[b, g], scale)
+                fp16_to_f32(m[b, g], low)
+                for r in range(ROWS):
+                    acc[r] += scale[r] * part[r] + low[r] * xsum
+            out[t, b * ROWS:(b + 1) * ROWS] = acc
+
+
+@njit(parallel=True, fastmath=FAST, cache=True)
+def f16bits_matvec(x, bits, bfloat16, out):
+    """out[t, o] = sum_i w[o, i] * x[t, i], w stored as 16-bit patterns (bfloat16 or float16)   (Float16Bits @ x)
+
+    A row is widened into a float32 buffer (bfloat16: the bits shifted into the top half; float16: the bit
+    trick of fp16_to_f32), then dotted with each token; the sum runs along the row and is reassociated
+    into vector lanes. Threads take blocks of 64 rows.
+
+    Shapes: x (T, in), bits (out, in) uint16, out (T, out)
+    """
+    O, I = bits.shape
+    for b in prange((O + ROWS - 1) // ROWS):
+        row = np.empty(I, f32)
+        for o in range(b * ROWS, min(O, (b + 1) * ROWS)):
+            if bfloat16:
+                u = row.view(np.uint32)
+                for i in range(I):
+                    u[i] = np.uint32(bits[o, i]) << np.uint32(16)
+            else:
+                fp16_to_f32(bits[o], row)
+            for t in range(x.shape[0]):
+                s = f32(0)
+                for i in range(I):
+                    s += row[i] * x[t, i]
+                out[t, o] = s
+
+
+@njit(parallel=True, fastmath=FAST, cache=True)
+def f32_matvec(x, w, out):
+    """out[t, o] = sum_i w[o, i] * x[t, i]                                                    (float32 w @ x)
+
+    BLAS's sgemv does the same as fast on an idle machine; this one exists so that decoding runs on Numba's
+    threads only (kernels_numba.choose_threads), not also on OpenBLAS's, whose waiting threads cost a
+    scheduler time slice per call when the machine is busy (measured: 20 ms for a 2048 x 640 product).
+
+    Shapes: x (T, in), w (out, in) float32, out (T, out)
+    """
+    O, I = w.shape
+    for b in prange((O + ROWS - 1) // ROWS):
+        for o in range(b * ROWS, min(O, (b + 1) * ROWS)):
+            for t in range(x.shape[0]):
+                s = f32(0)
+                for i in range(I):
+                    s += w[o, i] * x[t, i]
+                out[t, o] = s
+
+
+# ---- dequantizing tiles (prefill) -----------------------------------------------------------------------------
+
+@njit(parallel=True, cache=True)
+def int8x64_tile(q, d, b0, out):
+    """Blocks b0.. of an Int8x64 matrix as float32, transposed: out[32g + j, 64(b - b0) + r] = d * q.
+
+    Transposed (in, rows) because that is the packed order already (64 rows side by side) and it is the
+    right operand BLAS wants for x @ tile.
+
+    Shapes: q (B, G, 32, 64) int8, d (B, G, 64) uint16, out (in, nb*64) float32 (nb blocks from b0)
+    """
+    G = q.shape[1]
+    for n in prange(out.shape[1] // ROWS):
+        b = b0 + n
+        scale = np.empty(ROWS, f32)
+        for g in range(G):
+            fp16_to_f32(d[b, g], scale)
+            for j in range(GROUP):
+                for r in range(ROWS):
+                    out[g * GROUP + j, n * ROWS + r] = scale[r] * f32(q[b, g, j, r])
+
+
+@njit(parallel=True, cache=True)
+def int4x64_tile(nibbles, d, m, b0, out):
+    """Blocks b0.. of an Int4x64 matrix as float32, transposed: out[32g + j, 64(b - b0) + r] = d * q + m.
+
+    Shapes: nibbles (B, G, 16, 64) uint8, d, m (B, G, 64) uint16, out (in, nb*64) float32
+    """
+    G = nibbles.shape[1]
+    half = GROUP // 2
+    for n in prange(out.shape[1] // ROWS):
+        b = b0 + n
+        scale = np.empty(ROWS, f32)
+        low = np.empty(ROWS, f32)
+        for g in range(G):
+            fp16_to_f32(d[b, g], scale)
+            fp16_to_f32(m[b, g], low)
+            for j in range(half):
+                for r in range(ROWS):
+                    byte = nibbles[b, g, j, r]
+                    out[g * GROUP + j, n * ROWS + r] = scale[r] * f32(byte & np.uint8(15)) + low[r]
+                    out[g * GROUP + j + half, n * ROWS + r] = scale[r] * f32(byte >> np.uint8(4)) + low[r]
+
+
+# ---- attention ------------------------------------------------------------------------------------------------
+
+Q_TILE = 16  # queries per job: their keys are read once from memory, then from cache for each query
+K_TILE = 64  # keys per step of the online softmax
+
+
+@njit(parallel=True, fastmath=FAST, cache=True)
+def flash_attention(q, k, v, q_pos, k_pos, window, scale, cap, out):
+    """out[h, t] = sum_s softmax_s(mask(cap(scale * q[h, t] . k[s, h // G]))) v[s, h // G]
+
+    Every (head, tile of queries) is an independent job. For each tile of keys, the scores are computed,
+    soft-capped and masked, then folded into a running softmax (FlashAttention, Dao et al. 2022): keep the
+    running maximum m, the running sum l of exp(score - m), and the running weighted sum of values; when a
+    new tile raises the maximum, rescale l and the sum by exp(m_old - m_new). No (T, S) matrix exists.
+    Keys come in position order (KV cache), so the keys a query tile can see form one range: up to the last
+    query's position, and (sliding window) after the first query's position - window. Order of operations as
+    the reference (layers.attention): scale, soft-cap, mask, softmax.
+
+    Shapes: q (H, T, Dh), k, v (S, K, Dh), q_pos (T,), k_pos (S,) ascending int64, window (0 = none),
+            cap (0 = none), out (H, T, Dh) float32
+    """
+    H, T, Dh = q.shape
+    K = k.shape[1]
+    G = H // K
+    tiles = (T + Q_TILE - 1) // Q_TILE
+    for job in prange(H * tiles):
+        h, t0 = job // tiles, (job % tiles) * Q_TILE
+        t1 = min(T, t0 + Q_TILE)
+        kv = h // G
+        s_end = np.searchsorted(k_pos, q_pos[t1 - 1], side="right")  # keys at or before the last query
+        s_start = 0
+        if window > 0:
+            s_start = np.searchsorted(k_pos, q_pos[t0] - window, side="right")  # inside the first query's window
+        run_max = np.full(Q_TILE, -np.inf, dtype=f32)
+        run_sum = np.zeros(Q_TILE, f32)
+        acc = np.zeros((Q_TILE, Dh), f32)
+        p = np.empty(K_TILE, f32)
+        k_tile = np.empty((Dh, K_TILE), f32)  # this tile's keys, transposed
+        for s0 in range(s_start, s_end, K_TILE):
+            n = min(s_end, s0 + K_TILE) - s0
+            # transposed once per tile and reused by each query, so the scores of one query are sums along
+            # the key axis (64 independent lanes) instead of 64 dot products that each end in a horizontal sum
+            for j in range(n):
+                for e in range(Dh):
+                    k_tile[e, j] = k[s0 + j, kv, e]
+            for i in range(t1 - t0):
+                t = t0 + i
+                p[:n] = 0
+                for e in range(Dh):
+                    qe = q[h, t, e]
+                    for j in range(n):
+                        p[j] += qe * k_tile[e, j]
+                tile_max = f32(-np.inf)
+                for j in range(n):
+                    s = s0 + j
+                    if k_pos[s] > q_pos[t] or (window > 0 and k_pos[s] <= q_pos[t] - window):
+                        p[j] = -np.inf  # masked: the future, or outside the window
+                        continue
+                    score = p[j] * f32(scale)
+                    if cap > 0:
+                        score = f32(cap) * f32(math.tanh(score / f32(cap)))
+                    p[j] = score
+                    tile_max = max(tile_max, score)
+                if tile_max == -np.inf:
+                    continue  # nothing visible in this tile for this query
+                new_max = max(run_max[i], tile_max)
+                rescale = f32(math.exp(run_max[i] - new_max))  # exp(-inf) = 0 on the first visible tile
+                run_sum[i] *= rescale
+                for e in range(Dh):
+                    acc[i, e] *= rescale
+                for j in range(n):
+                    if p[j] == -np.inf:
+                        continue
+                    w = f32(math.exp(p[j] - new_max))
+                    run_sum[i] += w
+                    for e in range(Dh):
+                        acc[i, e] += w * v[s0 + j, kv, e]
+                run_max[i] = new_max
+        for i in range(t1 - t0):
+            for e in range(Dh):
+                out[h, t0 + i, e] = acc[i, e] / run_sum[i]
+
+
+# ---- the twins of kernels.py ----------------------------------------------------------------------------------
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    """fp16 arrays as their uint16 bit patterns (a view): what the kernels take."""
+    return a.view(np.uint16)
+
+
+def linear(x: np.ndarray, w) -> np.ndarray:
+    """x @ w.T, as kernels.linear. Shapes: (T, in), (out, in) -> (T, out) float32"""
+    x = np.ascontiguousarray(x, dtype=f32)
+    T = x.shape[0]
+    if isinstance(w, np.ndarray):
+        if T <= MATVEC_MAX_T and w.dtype == f32 and w.flags.c_contiguous:
+            out = np.empty((T, w.shape[0]), f32)
+            _run(f32_matvec, x, w, out)
+            return out
+        return x @ w.T  # float32 prefill: BLAS sgemm
+    if isinstance(w, (Int8x64, Int4x64)):
+        width = w.q.shape[0] * ROWS if isinstance(w, Int8x64) else w.nibbles.shape[0] * ROWS
+        out = np.empty((T, width), f32)
+        if T <= MATVEC_MAX_T:
+            if isinstance(w, Int8x64):
+                _run(int8x64_matvec, x, w.q, _bits(w.d), out)
+            else:
+                _run(int4x64_matvec, x, w.nibbles, _bits(w.d), _bits(w.m), out)
+        else:
+            _tiled_matmul(x, w, out)
+        return out if width == w.out_rows else np.ascontiguousarray(out[:, :w.out_rows])
+    if isinstance(w, Float16Bits) and T <= MATVEC_MAX_T:
+        out = np.empty((T, w.shape[0]), f32)
+        _run(f16bits_matvec, x, _bits(w.data), w.dtype == "bfloat16", out)
+        return out
+    return reference.REFERENCE["linear"](x, w)  # 16-bit prefill (a tile widened by NumPy, then BLAS), unpacked types
+
+
+def _tiled_matmul(x: np.ndarray, w, out: np.ndarray) -> None:
+    """out = x @ w.T for a packed matrix, a tile of ~BLOCK_BYTES of float32 weights at a time.
+
+    Shapes: x (T, in), out (T, B*64)"""
+    in_features = w.shape[1]
+    blocks = out.shape[1] // ROWS
+    step = max(1, BLOCK_BYTES // (4 * in_features * ROWS))  # blocks per tile
+    tile = np.empty((in_features, step * ROWS), f32)
+    for b0 in range(0, blocks, step):
+        n = min(step, blocks - b0)
+        part = tile if n == step else np.empty((in_features, n * ROWS), f32)  # the last tile is narrower
+        if isinstance(w, Int8x64):
+            _run(int8x64_tile, w.q, _bits(w.d), b0, part)
+        else:
+            _run(int4x64_tile, w.nibbles, _bits(w.d), _bits(w.m), b0, part)
+        out[:, b0 * ROWS:(b0 + n) * ROWS] = x @ part  # (T, in) @ (in, n*64)
+
+
+def attention(q, k, v, q_positions, k_positions, window, scale, cap) -> np.ndarray:
+    """As kernels.attention. Shapes: q (H, T, Dh), k, v (K, S, Dh), (T,), (S,) -> (H, T, Dh)"""
+    q = np.ascontiguousarray(q, dtype=f32)
+    k_sk = np.ascontiguousarray(k.transpose(1, 0, 2), dtype=f32)  # (K, S, Dh) -> (S, K, Dh): a view if the
+    v_sk = np.ascontiguousarray(v.transpose(1, 0, 2), dtype=f32)  # cache stores (S, K, Dh), as kvcache.py does
+    out = np.empty(q.shape, f32)
+    _run(flash_attention, q, k_sk, v_sk, np.ascontiguousarray(q_positions, dtype=np.int64),
+                    np.ascontiguousarray(k_positions, dtype=np.int64), int(window or 0), float(scale),
+                    float(cap or 0.0), out)
+    return out
+
+
+def prepare(w):
+    """The layout these kernels read fastest: int8 and int4 matrices repacked 64 rows side by side
+    (weights.Int8x64 / Int4x64; same bytes). Other types are used as they are."""
+    if isinstance(w, Int8):
+        return Int8x64.pack(w)
+    if isinstance(w, Int4):
+        return Int4x64.pack(w)
+    return w
+
+
+# ---- compiling ------------------------------------------------------------------------------------------------
+
+KERNELS = (int8x64_matvec, int4x64_matvec, f16bits_matvec, f32_matvec, int8x64_tile, int4x64_tile, flash_attention)
+_ready: set = set()  # kernels called at least once in this process
+
+
+def _run(kernel, *args) -> None:
+    """Call a kernel; the first time in this process, say on stderr if it has to be compiled (seconds).
+
+    Kernels compile on first use, for the types they are given, so a model compiles only what it uses
+    (a float32 model never compiles the int4 kernels). With `cache=True` the machine code is stored in
+    __pycache__ and later processes load it in milliseconds."""
+    if kernel in _ready:
+        kernel(*args)
+        return
+    _ready.add(kernel)
+    announce = os.environ.get("NUMBA_DISABLE_JIT", "0") in ("", "0") and not _cached(kernel)
+    if announce:
+        print(f"minigemma: compiling the Numba kernel {kernel.__name__} (first run only; cached afterwards)...",
+              file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    kernel(*args)
+    if announce:
+        print(f"minigemma: compiled {kernel.__name__} in {time.perf_counter() - start:.1f} s", file=sys.stderr,
+              flush=True)
+
+
+def _cached(kernel) -> bool:
+    """Whether `kernel` has a cache index in __pycache__ newer than this file (a guess, for the message only:
+    Numba's own check is finer, and NUMBA_CACHE_DIR may put the cache elsewhere)."""
+    folder = Path(__file__).parent / "__pycache__"
+    found = folder.glob(f"{Path(__file__).stem}.{kernel.__name__}-*.nbi") if folder.is_dir() else ()
+    return any(os.path.getmtime(f) >= os.path.getmtime(__file__) for f in found)
+
+
+def configure() -> None:
+    """Called when the backend is chosen (kernels.use_backend)."""
+    if os.environ.get("NUMBA_DISABLE_JIT", "0") in ("", "0"):
+        choose_threads()
+
+
+def choose_threads() -> None:
+    """One thread when the machine is already busy, unless NUMBA_NUM_THREADS says otherwise.
+
+    Each parallel loop ends at a barrier where every thread waits for the slowest. When other processes hold
+    the cores, a thread that lost its core holds everyone up for a scheduler time slice, at every one of the
+    ~130 parallel loops of a decode step: measured on this 2-core machine under a load of ~13, int8 decode
+    ran at 1.7 tok/s with 2 threads and 17 tok/s with 1 (llama.cpp's own 2-thread loop suffers the same).
+    "Busy" is a one-minute load average of at least one runnable process more than there are cores."""
+    if "NUMBA_NUM_THREADS" in os.environ or not hasattr(os, "getloadavg"):
+        return
+    cores, load = numba.config.NUMBA_NUM_THREADS, os.getloadavg()[0]
+    if cores > 1 and load >= cores + 1:
+        numba.set_num_threads(1)
+        blas = "" if "OPENBLAS_NUM_THREADS" in os.environ or not _openblas_one_thread() else " and OpenBLAS"
+        print(f"minigemma: the machine is busy (load {load:.1f} on {cores} cores): the Numba kernels{blas} use "
+              "1 thread (set NUMBA_NUM_THREADS to choose)", file=sys.stderr, flush=True)
+
+
+def _openblas_one_thread() -> bool:
+    """Ask NumPy's OpenBLAS (prefill's sgemm) for one thread too, as threadpoolctl would; False if not found."""
+    if not os.path.exists("/proc/self/maps"):
+        return False
+    import ctypes
+
+    paths = {line.split()[-1] for line in open("/proc/self/maps") if "openblas" in line.lower()}
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in ("openblas_set_num_threads", "scipy_openblas_set_num_threads64_",
+                     "openblas_set_num_threads64_", "scipy_openblas_set_num_threads"):
+            if hasattr(lib, name):
+                getattr(lib, name)(1)
+                return True
+    return False

@@ -1,0 +1,236 @@
+"""The Numba backend equals the NumPy reference: kernel by kernel on odd shapes, then whole models.
+
+Equal means within float32 summation order: the compiled kernels add the same products in another order
+(and with fused multiply-adds), so each bound below is a small multiple of float32 epsilon times the sum of
+the magnitudes of the terms, not a fixed number. NumPy-vs-Numba equality cannot catch a mistake both share;
+the oracle tests (test_models.py, test_layers.py) do that for the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import random_params, rel_err
+from minigemma import kernels, kernels_numba
+from minigemma.config import GemmaConfig
+from minigemma.generate import Sampling, generate_ids
+from minigemma.model import Gemma
+from minigemma.params import LayerParams, Params
+from minigemma.weights import Float16Bits, Int4, Int4x64, Int8, Int8x64
+
+numpy_linear = kernels.REFERENCE["linear"]
+numpy_attention = kernels.REFERENCE["attention"]
+EPS = np.finfo(np.float32).eps
+
+
+@contextmanager
+def backend(name: str):
+    """Run a block with one backend, then restore the one in use (the switch is process-wide)."""
+    before = kernels.backend
+    kernels.use_backend(name)
+    try:
+        yield
+    finally:
+        kernels.use_backend(before)
+
+
+def make_weight(kind: str, x: np.ndarray):
+    return {"float32": lambda: x, "bfloat16": lambda: Float16Bits.from_float(x, "bfloat16"),
+            "float16": lambda: Float16Bits.from_float(x, "float16"), "int8": lambda: Int8.from_float(x),
+            "int4": lambda: Int4.from_float(x), "int8x64": lambda: Int8x64.pack(Int8.from_float(x)),
+            "int4x64": lambda: Int4x64.pack(Int4.from_float(x))}[kind]()
+
+
+# ---- linear ---------------------------------------------------------------------------------------------------
+
+@settings(max_examples=40, deadline=None)
+@given(kind=st.sampled_from(["float32", "bfloat16", "float16", "int8", "int4", "int8x64", "int4x64"]),
+       out=st.integers(1, 200), groups=st.integers(1, 5),
+       tokens=st.sampled_from([1, 2, kernels_numba.MATVEC_MAX_T, kernels_numba.MATVEC_MAX_T + 1, 23]),
+       seed=st.integers(0, 2**16))
+def test_linear_equals_numpy(kind, out, groups, tokens, seed):
+    """Odd row counts (a packed matrix's last block is padding), both paths (matrix-vector up to
+    MATVEC_MAX_T tokens, dequantized tiles and BLAS above)."""
+    rng = np.random.default_rng(seed)
+    width = 32 * groups
+    w = make_weight(kind, rng.standard_normal((out, width)).astype(np.float32))
+    x = rng.standard_normal((tokens, width)).astype(np.float32)
+    ours, ref = kernels_numba.linear(x, w), numpy_linear(x, w)
+    assert ours.shape == ref.shape == (tokens, out) and ours.dtype == np.float32
+    # the same products summed in another order: either order is within (terms) * eps * sum |x_i w_i| of the
+    # exact sum (Higham, Accuracy and Stability, 3.1); measured: at most 1.4 * eps * sum |x_i w_i|
+    magnitude = np.abs(x) @ np.abs(numpy_linear(np.eye(width, dtype=np.float32), w))  # (T, out)
+    assert np.all(np.abs(ours - ref) <= width * EPS * magnitude + 1e-30)
+
+
+def test_packed_layouts_hold_the_same_matrix():
+    """Packing only reorders: the same rows, the same bytes (plus zero rows up to a multiple of 64)."""
+    x = np.random.default_rng(1).standard_normal((130, 96)).astype(np.float32)
+    for plain, packed in ((Int8.from_float(x), Int8x64.pack(Int8.from_float(x))),
+                          (Int4.from_float(x), Int4x64.pack(Int4.from_float(x)))):
+        assert packed.shape == plain.shape
+        assert np.array_equal(packed.rows(0, 130), plain.rows(0, 130))
+        assert np.array_equal(packed.rows(63, 65), plain.rows(63, 65))
+        ids = np.array([129, 0, 64, 64])
+        assert np.array_equal(packed.take(ids), plain.rows(0, 130)[ids])
+        assert packed.nbytes == plain.nbytes * 192 // 130  # 130 rows padded to 192
+
+
+def test_fp16_bit_trick_is_exact():
+    """Every finite float16 (normals, subnormals, both zeros) widens exactly as NumPy widens it."""
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    halves = bits.view(np.float16)
+    bits = bits[np.isfinite(halves)]
+    out = np.empty(len(bits), np.float32)
+    kernels_numba.fp16_to_f32(bits, out)
+    assert np.array_equal(out.view(np.uint32), bits.view(np.float16).astype(np.float32).view(np.uint32))
+
+
+# ---- attention ------------------------------------------------------------------------------------------------
+
+@settings(max_examples=40, deadline=None)
+@given(kv_heads=st.sampled_from([1, 2]), group=st.sampled_from([1, 3]), head_dim=st.sampled_from([8, 20]),
+       new=st.integers(1, 40), held=st.integers(0, 150), first=st.integers(0, 50),
+       window=st.sampled_from([None, 1, 7, 70]), cap=st.sampled_from([None, 2.0]), seed=st.integers(0, 2**16))
+def test_attention_equals_numpy(kv_heads, group, head_dim, new, held, first, window, cap, seed):
+    """Queries are the last `new` of `held + new` keys, as with a KV cache; more than one tile of queries
+    (Q_TILE) and of keys (K_TILE) so the running softmax is rescaled across tiles."""
+    rng = np.random.default_rng(seed)
+    H, S = kv_heads * group, held + new
+    q = rng.standard_normal((H, new, head_dim)).astype(np.float32) * 2
+    k = rng.standard_normal((kv_heads, S, head_dim)).astype(np.float32) * 2
+    v = rng.standard_normal((kv_heads, S, head_dim)).astype(np.float32)
+    k_pos = np.arange(first, first + S)
+    q_pos = k_pos[held:]
+    ours = kernels_numba.attention(q, k, v, q_pos, k_pos, window, 0.3, cap)
+    ref = numpy_attention(q, k, v, q_pos, k_pos, window, 0.3, cap)
+    assert ours.shape == ref.shape and ours.dtype == np.float32
+    # an average of values (|v| < ~5) with weights summing to 1, over up to 190 keys; measured <= 4.3e-6
+    assert np.max(np.abs(ours - ref)) < 1e-4
+
+
+# ---- the switch -----------------------------------------------------------------------------------------------
+
+def test_backend_switch(monkeypatch):
+    monkeypatch.setenv("MINIGEMMA_BACKEND", "numpy")
+    assert kernels.default_backend() == "numpy"
+    monkeypatch.setenv("MINIGEMMA_BACKEND", "fortran")
+    with pytest.raises(ValueError, match="MINIGEMMA_BACKEND='fortran'"):
+        kernels.default_backend()
+    monkeypatch.delenv("MINIGEMMA_BACKEND")
+    assert kernels.default_backend() == "numba"  # numba is installed here
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        kernels.use_backend("cuda")
+    with backend("numba"):
+        assert kernels.linear is kernels_numba.linear and kernels.attention is kernels_numba.attention
+    with backend("numpy"):
+        assert kernels.linear is numpy_linear and kernels.attention is numpy_attention
+
+
+# ---- whole models ---------------------------------------------------------------------------------------------
+
+def tiny_config(model_type: str) -> GemmaConfig:
+    """Widths that are whole groups of 32 (for int8/int4), a vocabulary that is not whole blocks of 64."""
+    d = dict(model_type=model_type, vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=5,
+             sliding_window_pattern=2, max_position_embeddings=256)
+    if model_type == "gemma2":
+        d.update(attn_logit_softcapping=3.0, final_logit_softcapping=5.0)
+    return GemmaConfig.from_hf_dict(d)
+
+
+def stored_as(params: Params, kind: str) -> Params:
+    """The same random params with every matrix in storage `kind` (norms stay float32)."""
+    def convert(w):
+        return w if w is None or w.ndim == 1 else make_weight(kind, w)
+    layers = [LayerParams(**{f: convert(w) for f, w in vars(p).items()}) for p in params.layers]
+    return Params(embed=convert(params.embed), final_norm=params.final_norm, layers=layers)
+
+
+def run(model: Gemma, ids, steps: int = 6):
+    """Prefill logits of every prompt position, then greedy decoding through the cache."""
+    logits = model.forward(ids)
+    text = list(generate_ids(model, ids, Sampling(max_new_tokens=steps, ignore_eos=True)))
+    return logits, text
+
+
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8x64", "int4x64"])
+@pytest.mark.parametrize("model_type", ["gemma", "gemma2", "gemma3_text"])
+def test_tiny_models_same_on_both_backends(model_type, kind):
+    config = tiny_config(model_type)
+    params = stored_as(random_params(config, np.random.default_rng(3)), kind)
+    model = Gemma(config, params)
+    ids = np.random.default_rng(4).integers(0, config.vocab_size, 11)  # past the window of 5
+    with backend("numpy"):
+        ref_logits, ref_text = run(model, ids)
+    with backend("numba"):
+        logits, text = run(model, ids)
+    assert rel_err(logits, ref_logits) < 1e-5  # float32 summation order; measured <= 1.1e-6
+    assert text == ref_text
+
+
+def test_numba_kernels_run_as_plain_python():
+    """NUMBA_DISABLE_JIT=1 (to step through a kernel in a debugger) runs the same code as Python."""
+    script = r"""
+import json, sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from test_kernels_numba import tiny_config, stored_as, random_params
+from minigemma import kernels
+from minigemma.model import Gemma
+kernels.use_backend("numba")
+config = tiny_config("gemma2")
+model = Gemma(config, stored_as(random_params(config, np.random.default_rng(5)), "int4x64"))
+cache = model.new_cache()
+out = [model.step([1, 2, 3], cache, last_only=False), model.step([4], cache)]
+print(json.dumps(np.concatenate(out).tolist()))
+"""
+    env = {**os.environ, "NUMBA_DISABLE_JIT": "1", "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    python_logits = np.array(json.loads(done.stdout))
+
+    config = tiny_config("gemma2")
+    model = Gemma(config, stored_as(random_params(config, np.random.default_rng(5)), "int4x64"))
+    with backend("numpy"):
+        cache = model.new_cache()
+        ref = np.concatenate([model.step([1, 2, 3], cache, last_only=False), model.step([4], cache)])
+    assert rel_err(python_logits, ref) < 1e-5  # measured ~2e-7
+
+
+# ---- the built-in model ---------------------------------------------------------------------------------------
+
+PROMPT = "The three primary colours are"
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_real_model_same_on_both_backends(real_model, quantize, request):
+    """Same logits and the same greedy text, float32 (the shared fixture) and int8 (packed for Numba)."""
+    if quantize is None:
+        model = real_model
+    else:
+        import minigemma
+
+        with backend("numba"):
+            model = minigemma.load(real_model.source, quantize=quantize, progress=False, backend="numba")
+    assert quantize is None or isinstance(model.params.embed, Int8x64)
+    ids = model.tokenizer.encode(PROMPT, add_bos=True)
+    with backend("numpy"):
+        ref_logits, ref_text = run(model, ids, steps=12)
+    with backend("numba"):
+        logits, text = run(model, ids, steps=12)
+    assert rel_err(logits, ref_logits) < 1e-4  # 18 layers of float32 reordering; measured ~1e-6
+    assert text == ref_text
