@@ -119,6 +119,15 @@ def random_params(config: GemmaConfig, rng: np.random.Generator, std: float = 0.
     return Params(layers=layers, **top)
 
 
+def default_sigint():
+    """preexec_fn for a child the test will Ctrl-C: SIGINT back to its default action. A shell starts a
+    background job (`cmd &`) with SIGINT ignored, Python then leaves it ignored, and a child inherits that,
+    so a test run from such a job would see its Ctrl-C do nothing."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def rel_err(a, b) -> float:
     """max |a - b| relative to max |b|."""
     return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(b)))

@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import default_sigint
 from minigemma.chat import Conversation
 from minigemma.errors import ContextOverflow
 from minigemma.generate import Sampling, Stats, chat_prompt
@@ -96,6 +97,7 @@ pexpect = pytest.importorskip("pexpect")
 def spawn(*args):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     child = pexpect.spawn(sys.executable, ["-m", "minigemma", "chat", *args], env=env, encoding="utf-8",
+                          preexec_fn=default_sigint,
                           timeout=300, dimensions=(24, 200))
     child.expect_exact("> ")  # loaded, waiting for the first line
     return child
@@ -134,9 +136,7 @@ def test_chat_ctrl_c_interrupts_a_reply_then_exits_130_at_the_prompt():
     child = spawn("--max-new-tokens", "400", "--stats")
     child.sendline("Once upon a time")
     child.expect(r"Once upon a time\r\n\S")  # the echo, then the reply has started
-    # SIGINT straight to the process, as the terminal sends it for Ctrl-C: typing ^C into the pty instead
-    # races with readline's terminal modes on a busy machine (the ^C can arrive as a plain character)
-    child.kill(signal.SIGINT)
+    child.kill(signal.SIGINT)  # what the terminal sends for Ctrl-C
     child.expect_exact("(interrupted)")
     stats = turn_stats(child)
     assert stats["finish_reason"] == "interrupted" and stats["generated_tokens"] < 400

@@ -27,6 +27,7 @@ from safetensors.numpy import save_file
 
 import minigemma
 from minigemma.chat import Conversation
+from conftest import default_sigint
 from minigemma.errors import ContextOverflow, InvalidArgument, MinigemmaError, ModelFileError, UsageError
 from minigemma.generate import Sampling, chat_prompt, generate_ids
 from minigemma.gguf_file import check_gguf_header
@@ -381,7 +382,7 @@ def test_ctrl_c_while_loading_exits_130_without_a_traceback():
     # int4 loads slowly (every layer is requantized, ~5 s on a quiet machine): 2 s in, it is importing or
     # loading, never generating; either way the same clean exit
     process = subprocess.Popen([sys.executable, "-m", "minigemma", "generate", "hi", "--quantize", "int4"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, preexec_fn=default_sigint)
     time.sleep(2)
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
@@ -394,7 +395,7 @@ def test_ctrl_c_while_generating_keeps_the_text_and_exits_130():
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen([sys.executable, "-m", "minigemma", "generate", "Once upon a time",
                                 "--max-new-tokens", "300", "--ignore-eos"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, preexec_fn=default_sigint)
     first = process.stdout.read(1)  # blocks until the first generated text is printed
     process.send_signal(signal.SIGINT)
     rest, stderr = process.communicate(timeout=120)
