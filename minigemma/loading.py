@@ -147,8 +147,8 @@ def _load_gguf(path: Path, progress: bool, quantize: str | None, dtype: str | No
             tokenizer = Tokenizer.from_gguf(reader)
         except ValueError as e:
             raise ModelFileError(f"{path}: {e}") from None
-    # The parsed metadata is millions of small objects (~300 MB for a 262k-token vocabulary) and the weights
-    # only need the tensor list: free it before they load, so the two never count together in peak memory.
+    # The metadata holds the 262k-piece vocabulary as Python objects, and the tokenizer has built its own copy:
+    # free it before the weights load, so the two never count together in peak memory.
     reader.fields.clear()
     params = load_gguf_params(reader, config, path, progress=progress, quantize=quantize, dtype=dtype)
     return Gemma(config, params, tokenizer, source=str(path))

@@ -208,8 +208,8 @@ def _type_name(ggml_type: int) -> str:
 
 
 def dequantize(data: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> np.ndarray:
-    """Raw tensor data as the gguf.GGUFReader gives it (`tensor.data`: for F32/F16 a typed array, for BF16 and
-    block-quantized types a uint8 array, possibly 2-D with shape (rows, bytes_per_row)) -> float32 array of
+    """Raw tensor data as gguf_file.open_gguf (and gguf.GGUFReader) give it (`tensor.data`: for F32/F16 a typed
+    array, for BF16 and block-quantized types a uint8 array, possibly 2-D with shape (rows, bytes_per_row)) -> float32 array of
     `shape` (the NumPy shape, i.e. reversed GGUF dims: (rows, cols)). Raises ValueError naming the type for types
     it does not support.
 

@@ -50,7 +50,7 @@ SPACE = "\u2581"  # "▁", SentencePiece's spelling of a space inside pieces
 class Tokenizer:
     """SentencePiece tokenizer for Gemma, matching transformers' ids (and its decoding, minus a leading <bos>).
 
-    Build it with `from_file` (a `tokenizer.model`), `from_gguf` (a `gguf.GGUFReader`) or directly from a
+    Build it with `from_file` (a `tokenizer.model`), `from_gguf` (a file opened by `gguf_file.open_gguf`) or directly from a
     SentencePiece `ModelProto`.
     """
 
@@ -96,7 +96,8 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, reader) -> "Tokenizer":
-        """Build the tokenizer from a `gguf.GGUFReader`'s `tokenizer.ggml.*` metadata (no files written)."""
+        """Build the tokenizer from a GGUF file's `tokenizer.ggml.*` metadata (no files written): the file as
+        `gguf_file.open_gguf` reads it, or a `gguf.GGUFReader` (both give `fields[key].contents()`)."""
         try:
             return cls(model_proto_from_gguf(reader))
         except (TypeError, AttributeError, OverflowError) as e:  # arrays of the wrong kind in a broken file

@@ -375,7 +375,9 @@ def storage_for(field: str, quantize: str | None, dtype: str | None) -> str:
 
 
 def to_weight(t: StoredTensor, kind: str):
-    """A file's tensor in storage `kind`. 1-D tensors (norms) are always float32.
+    """A file's tensor in storage `kind`. 1-D tensors (norms) are always float32. A tensor the file already
+    holds in that form is used as it is (`t.stored`: a GGUF Q8_0 tensor as int8, say, or re-encoded exactly:
+    GGUF Q4_0/Q5_0 as int8).
 
     A big matrix is converted a block of rows at a time into preallocated arrays, so converting never holds
     a float32 copy of the whole matrix (a gemma-2b embedding is 2.1 GB in float32, 0.56 GB in int8)."""
