@@ -32,8 +32,16 @@ import sys
 import time
 from pathlib import Path
 
-import numba
-import numpy as np
+# GNU OpenMP (Numba's usual threading layer on Linux) keeps its idle threads spinning for ~300,000 rounds after
+# each parallel loop. That is right for decode, whose loops follow each other within microseconds, but the
+# spinning threads then hold the cores that OpenBLAS's sgemm needs in prefill: measured here, a dequantize +
+# sgemm pair took 14.4 ms instead of 5.6. 3,000 rounds keeps decode's threads warm (84 tok/s; 76 with 1,000,
+# 56 when they sleep at once) and gives the cores back to BLAS (prefill 2.6x faster). libgomp reads this when
+# Numba first loads it; setdefault leaves a user's own setting alone (docs/performance.md).
+os.environ.setdefault("GOMP_SPINCOUNT", "3000")
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
 from numba import njit, prange
 
 from . import kernels as reference
@@ -372,8 +380,19 @@ def _tiled_matmul(x: np.ndarray, w, out: np.ndarray) -> None:
         out[:, b0 * ROWS:(b0 + n) * ROWS] = x @ part  # (T, in) @ (in, n*64)
 
 
+BLAS_ATTENTION_MIN_T = 32  # from this many queries on, attention_tiles (sgemm per tile) beats flash_attention
+BLAS_TILE = 256  # queries and keys per tile of attention_tiles: (K, G*256, 256) scores, 1 MB for G = 4
+
+
 def attention(q, k, v, q_positions, k_positions, window, scale, cap) -> np.ndarray:
     """As kernels.attention. Shapes: q (H, T, Dh), k, v (K, S, Dh), (T,), (S,) -> (H, T, Dh)"""
+    if q.shape[1] >= BLAS_ATTENTION_MIN_T:
+        return attention_tiles(q, k, v, q_positions, k_positions, window, scale, cap)
+    return attention_flash(q, k, v, q_positions, k_positions, window, scale, cap)
+
+
+def attention_flash(q, k, v, q_positions, k_positions, window, scale, cap) -> np.ndarray:
+    """flash_attention (decode, short prefills) with its arguments prepared. Shapes: as attention"""
     q = np.ascontiguousarray(q, dtype=f32)
     k_sk = np.ascontiguousarray(k.transpose(1, 0, 2), dtype=f32)  # (K, S, Dh) -> (S, K, Dh): a view if the
     v_sk = np.ascontiguousarray(v.transpose(1, 0, 2), dtype=f32)  # cache stores (S, K, Dh), as kvcache.py does
@@ -381,6 +400,57 @@ def attention(q, k, v, q_positions, k_positions, window, scale, cap) -> np.ndarr
     _run(flash_attention, q, k_sk, v_sk, np.ascontiguousarray(q_positions, dtype=np.int64),
                     np.ascontiguousarray(k_positions, dtype=np.int64), int(window or 0), float(scale),
                     float(cap or 0.0), out)
+    return out
+
+
+def attention_tiles(q, k, v, q_positions, k_positions, window, scale, cap, tile: int = BLAS_TILE) -> np.ndarray:
+    """Prefill attention: flash_attention's online softmax, one tile of queries x one tile of keys at a time,
+    with each tile's two products done by BLAS sgemm (as kernels.attention; NumPy, no Numba).
+
+    The same FlashAttention recurrence as flash_attention, on blocks instead of single queries: per tile of
+    queries, walk the tiles of keys they can see, keeping for each query the running maximum m, the running
+    sum l of exp(score - m) and the running weighted sum of values; a new maximum rescales both by
+    exp(m_old - m_new). Scores exist for one (query tile, key tile) pair at a time, so memory stays
+    O(tile * tile) per head however long the prompt; a sliding-window layer's query tile starts its walk at
+    the first key its first query can see. The G query heads that share a kv head are stacked into one
+    (G * tile, Dh) operand, so each product is one sgemm per kv head. Order as the reference: scale,
+    soft-cap, mask, softmax.
+
+    Shapes: q (H, T, Dh), k, v (K, S, Dh), (T,), (S,) ascending -> (H, T, Dh) float32
+    """
+    H, T, Dh = q.shape
+    K = k.shape[0]
+    G = H // K
+    q_pos, k_pos = np.asarray(q_positions), np.asarray(k_positions)
+    out = np.empty((H, T, Dh), f32)
+    for t0 in range(0, T, tile):
+        t1 = min(T, t0 + tile)
+        n_q = t1 - t0
+        q_tile = q[:, t0:t1].reshape(K, G, n_q, Dh).reshape(K, G * n_q, Dh)  # heads h = kv * G + g, stacked
+        s_end = int(np.searchsorted(k_pos, q_pos[t1 - 1], side="right"))  # keys at or before the last query
+        s_start = int(np.searchsorted(k_pos, q_pos[t0] - window, side="right")) if window else 0
+        run_max = np.full((K, G, n_q, 1), -np.inf, f32)
+        run_sum = np.zeros((K, G, n_q, 1), f32)
+        acc = np.zeros((K, G, n_q, Dh), f32)
+        for s0 in range(s_start, s_end, tile):
+            s1 = min(s_end, s0 + tile)
+            scores = (q_tile @ k[:, s0:s1].transpose(0, 2, 1)).reshape(K, G, n_q, s1 - s0)  # sgemm per kv head
+            scores *= f32(scale)
+            if cap:
+                scores = f32(cap) * np.tanh(scores / f32(cap))
+            visible = k_pos[None, s0:s1] <= q_pos[t0:t1, None]  # (n_q, n_k): causal ...
+            if window:
+                visible &= k_pos[None, s0:s1] > q_pos[t0:t1, None] - window  # ... and inside the window
+            scores = np.where(visible, scores, f32(-np.inf))
+            new_max = np.maximum(run_max, scores.max(axis=-1, keepdims=True))  # > -inf: each query sees itself
+            seen = np.isfinite(new_max)  # False only for queries with no visible key yet (none in this tile)
+            safe_max = np.where(seen, new_max, f32(0))
+            p = np.exp(scores - safe_max)  # masked scores: exp(-inf) = 0
+            rescale = np.exp(run_max - safe_max)  # exp(-inf) = 0 on a query's first visible tile
+            run_sum = run_sum * rescale + p.sum(axis=-1, keepdims=True)
+            acc = acc * rescale + (p.reshape(K, G * n_q, s1 - s0) @ v[:, s0:s1]).reshape(K, G, n_q, Dh)
+            run_max = new_max
+        out[:, t0:t1] = (acc / run_sum).reshape(H, n_q, Dh)
     return out
 
 
