@@ -61,6 +61,7 @@ if side == "minigemma":
     t = time.perf_counter()
     model = minigemma.load(path, progress=False, backend=options["backend"], quantize=options.get("quantize"))
     result["load_s"] = time.perf_counter() - t
+    model.step(prompt[:8], model.new_cache())  # warm-up, as for transformers below
     if options["backend"] == "numba":
         import numba
         result["threads"] = numba.get_num_threads()  # 1 if the machine was busy (kernels_numba.choose_threads)
@@ -98,6 +99,8 @@ else:  # llama.cpp through llama-cpp-python, on the GGUF file as stored (Q4_K_M 
     model = Llama(model_path=str(path), n_ctx=max(lengths + [long_len]) + 128, n_threads=options.get("threads") or os.cpu_count(),
                   n_batch=512, verbose=False)
     result["load_s"] = time.perf_counter() - t
+    model.eval(prompt[:8])  # warm-up, as for transformers
+    model.reset()
 
     # (the next token is a fixed id, not llama.cpp's argmax: the speed does not depend on it, and its
     # logits buffer holds only the last batch's rows)

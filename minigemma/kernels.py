@@ -117,4 +117,32 @@ def use_backend(name: str | None = None) -> str:
         table = REFERENCE
     globals().update(table)
     backend = name
+    keep_freed_memory()
     return name
+
+
+def keep_freed_memory() -> None:
+    """Let glibc's malloc keep freed arrays of up to 64 MB for reuse instead of giving them back to the OS.
+
+    A forward pass makes temporaries of a few MB each (activations, products, the GELU's terms). By default
+    glibc serves big requests with fresh mmap pages and trims its heap as soon as 8 MB or so are free at the
+    top, so the next pass touches new pages again: a page fault per 4 KB, which cost ~20% of a 500-token
+    prefill here (638 -> 797 tok/s with these settings; peak RSS the same, 593 MB). This is what
+    MALLOC_MMAP_THRESHOLD_=64M MALLOC_TRIM_THRESHOLD_=256M would do; if either is set, it is left alone.
+    Linux with glibc only; elsewhere nothing happens. Once per process."""
+    global _malloc_tuned
+    if _malloc_tuned or any(f"MALLOC_{k}_THRESHOLD_" in os.environ for k in ("MMAP", "TRIM")):
+        return
+    _malloc_tuned = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
+        libc.mallopt(M_MMAP_THRESHOLD, 64 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 256 << 20)
+    except (OSError, AttributeError):
+        pass  # not glibc
+
+
+_malloc_tuned = False

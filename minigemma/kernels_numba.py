@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -363,21 +364,36 @@ def linear(x: np.ndarray, w) -> np.ndarray:
 
 
 def _tiled_matmul(x: np.ndarray, w, out: np.ndarray) -> None:
-    """out = x @ w.T for a packed matrix, a tile of ~BLOCK_BYTES of float32 weights at a time.
+    """out = x @ w.T for a packed matrix, in equal tiles of at most ~BLOCK_BYTES of float32 weights.
+
+    The tiles are written into one scratch buffer per thread, reused from call to call: a fresh 4 MB array
+    per product costs a thousand page faults each time (measured: ~15% of a 500-token prefill).
 
     Shapes: x (T, in), out (T, B*64)"""
     in_features = w.shape[1]
     blocks = out.shape[1] // ROWS
-    step = max(1, BLOCK_BYTES // (4 * in_features * ROWS))  # blocks per tile
-    tile = np.empty((in_features, step * ROWS), f32)
+    tiles = -(-blocks * in_features * ROWS * 4 // BLOCK_BYTES)  # ceil: how many tiles of <= BLOCK_BYTES
+    step = -(-blocks // tiles)  # blocks per tile, the same for all but maybe the last
+    scratch = _scratch(in_features * step * ROWS)
     for b0 in range(0, blocks, step):
         n = min(step, blocks - b0)
-        part = tile if n == step else np.empty((in_features, n * ROWS), f32)  # the last tile is narrower
+        tile = scratch[:in_features * n * ROWS].reshape(in_features, n * ROWS)
         if isinstance(w, Int8x64):
-            _run(int8x64_tile, w.q, _bits(w.d), b0, part)
+            _run(int8x64_tile, w.q, _bits(w.d), b0, tile)
         else:
-            _run(int4x64_tile, w.nibbles, _bits(w.d), _bits(w.m), b0, part)
-        out[:, b0 * ROWS:(b0 + n) * ROWS] = x @ part  # (T, in) @ (in, n*64)
+            _run(int4x64_tile, w.nibbles, _bits(w.d), _bits(w.m), b0, tile)
+        np.matmul(x, tile, out=out[:, b0 * ROWS:(b0 + n) * ROWS])  # (T, in) @ (in, n*64), sgemm
+
+
+_local = threading.local()
+
+
+def _scratch(size: int) -> np.ndarray:
+    """A float32 buffer of at least `size` elements, this thread's own, kept between calls."""
+    buf = getattr(_local, "scratch", None)
+    if buf is None or buf.size < size:
+        buf = _local.scratch = np.empty(size, f32)
+    return buf[:size]
 
 
 BLAS_ATTENTION_MIN_T = 32  # from this many queries on, attention_tiles (sgemm per tile) beats flash_attention

@@ -37,9 +37,9 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
     Shapes: (..., N), (N,) -> (..., N)
     """
-    x = x.astype(f32)
+    x = x.astype(f32, copy=False)
     rms = np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + f32(eps))
-    return x / rms * (f32(1.0) + weight.astype(f32))
+    return x / rms * (f32(1.0) + weight.astype(f32, copy=False))
 
 
 def rope_angles(positions: np.ndarray, head_dim: int, theta: float, factor: float = 1.0):
