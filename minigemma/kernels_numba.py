@@ -194,7 +194,7 @@ def f32_matvec(x, w, out):
 
 # ---- dequantizing tiles (prefill) -----------------------------------------------------------------------------
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def int8x64_tile(q, d, b0, out):
     """Blocks b0.. of an Int8x64 matrix as float32, transposed: out[32g + j, 64(b - b0) + r] = d * q.
 
@@ -204,7 +204,7 @@ def int8x64_tile(q, d, b0, out):
     Shapes: q (B, G, 32, 64) int8, d (B, G, 64) uint16, out (in, nb*64) float32 (nb blocks from b0)
     """
     G = q.shape[1]
-    for n in prange(out.shape[1] // ROWS):
+    for n in range(out.shape[1] // ROWS):
         b = b0 + n
         scale = np.empty(ROWS, f32)
         for g in range(G):
@@ -214,7 +214,7 @@ def int8x64_tile(q, d, b0, out):
                     out[g * GROUP + j, n * ROWS + r] = scale[r] * f32(q[b, g, j, r])
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def int4x64_tile(nibbles, d, m, b0, out):
     """Blocks b0.. of an Int4x64 matrix as float32, transposed: out[32g + j, 64(b - b0) + r] = d * q + m.
 
@@ -222,7 +222,7 @@ def int4x64_tile(nibbles, d, m, b0, out):
     """
     G = nibbles.shape[1]
     half = GROUP // 2
-    for n in prange(out.shape[1] // ROWS):
+    for n in range(out.shape[1] // ROWS):
         b = b0 + n
         scale = np.empty(ROWS, f32)
         low = np.empty(ROWS, f32)
