@@ -10,14 +10,15 @@ to float32, multiply, move on. It never widens a whole matrix at once: a float16
 widened in full would be 670 MB per token.
 
 Attention goes through `attention` here too: the NumPy version is layers.attention with its mask built from
-positions; the Numba one never builds the (T, S) matrix.
+positions; the Numba one never builds the (T, S) matrix. And RMSNorm through `rms_norm` (layers.rms_norm):
+with ~110 calls per decoded token, NumPy's per-call overhead made it a tenth of a decode step.
 
 Backends. The functions in this module are the NumPy reference. `use_backend("numba")` rebinds `linear`,
-`attention` and `prepare` in this module to their compiled twins in kernels_numba.py (same signatures, same
-answers within float32 summation order); `use_backend("numpy")` puts these back. That is why everything
-calls `kernels.linear(...)` through the module. The backend is one per process: `minigemma.load(...,
-backend=...)`, the environment variable MINIGEMMA_BACKEND, or `--backend` choose it; by default it is numba
-where Numba imports, else numpy. Weights loaded for one backend work on the other (slower: `prepare` chose
+`attention`, `rms_norm` and `prepare` in this module to their compiled twins in kernels_numba.py (same
+signatures, same answers within float32 summation order); `use_backend("numpy")` puts these back. That is
+why everything calls `kernels.linear(...)` through the module. The backend is one per process:
+`minigemma.load(..., backend=...)`, the environment variable MINIGEMMA_BACKEND, or `--backend` choose it; by
+default it is numba where Numba imports, else numpy. Weights loaded for one backend work on the other (slower: `prepare` chose
 their layout for the backend of the load).
 """
 
@@ -69,6 +70,14 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_positions: np.ndarr
     return layers.attention(q, k, v, layers.attention_mask(q_positions, k_positions, window), scale, cap)
 
 
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """RMSNorm with Gemma's (1 + w) gain: layers.rms_norm, the definition.
+
+    Shapes: (..., N), (N,) -> (..., N)
+    """
+    return layers.rms_norm(x, weight, eps)
+
+
 def prepare(w):
     """A weight in the layout this backend's kernels read best: for NumPy, as it is."""
     return w
@@ -77,7 +86,7 @@ def prepare(w):
 # ---- choosing the backend ------------------------------------------------------------------------------------
 
 BACKENDS = ("numpy", "numba")
-REFERENCE = {"linear": linear, "attention": attention, "prepare": prepare}  # the NumPy definitions, kept
+REFERENCE = {"linear": linear, "attention": attention, "rms_norm": rms_norm, "prepare": prepare}  # the NumPy definitions, kept
 backend = "numpy"  # the one in use
 
 
@@ -112,7 +121,7 @@ def use_backend(name: str | None = None) -> str:
 
         kernels_numba.configure()
         table = {"linear": kernels_numba.linear, "attention": kernels_numba.attention,
-                 "prepare": kernels_numba.prepare}
+                 "rms_norm": kernels_numba.rms_norm, "prepare": kernels_numba.prepare}
     else:
         table = REFERENCE
     globals().update(table)

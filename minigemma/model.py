@@ -13,7 +13,7 @@ from .config import GemmaConfig
 from . import kernels
 from .errors import ContextOverflow, InvalidArgument, ModelFileError
 from .kvcache import KVCache, LayerCache
-from .layers import apply_rope, embed, mlp, rms_norm, rope_angles, softcap
+from .layers import apply_rope, embed, mlp, rope_angles, softcap
 from .params import LayerParams, Params, params_nbytes
 from .recording import record
 
@@ -29,8 +29,8 @@ def self_attention(x, p: LayerParams, c: GemmaConfig, layer: int, rope, window, 
     k = kernels.linear(x, p.k_proj).reshape(T, K, Dh).transpose(1, 0, 2)  # (T, K*Dh) -> (K, T, Dh)
     v = kernels.linear(x, p.v_proj).reshape(T, K, Dh).transpose(1, 0, 2)  # (T, K*Dh) -> (K, T, Dh)
     if c.qk_norm:  # Gemma 3 normalises every head before RoPE (transformers Gemma3Attention)
-        q = rms_norm(q, p.q_norm, c.rms_norm_eps)
-        k = rms_norm(k, p.k_norm, c.rms_norm_eps)
+        q = kernels.rms_norm(q, p.q_norm, c.rms_norm_eps)
+        k = kernels.rms_norm(k, p.k_norm, c.rms_norm_eps)
     cos, sin = rope
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k, v, k_positions = kv.update(k, v, positions)  # (K, S, Dh) each: the cached positions and these
@@ -44,20 +44,20 @@ def self_attention(x, p: LayerParams, c: GemmaConfig, layer: int, rope, window, 
 def block(x, p: LayerParams, c: GemmaConfig, layer: int, rope, window, kv: LayerCache, positions):
     """One transformer block. Shapes: (T, D) -> (T, D)"""
     eps = c.rms_norm_eps
-    h = rms_norm(x, p.input_norm, eps)
+    h = kernels.rms_norm(x, p.input_norm, eps)
     record(layer, attn_norm=h)
     h = self_attention(h, p, c, layer, rope, window, kv, positions)
     record(layer, attn_out=h)
     if c.sandwich_norms:
-        h = rms_norm(h, p.post_attn_norm, eps)
+        h = kernels.rms_norm(h, p.post_attn_norm, eps)
         record(layer, post_attn_norm=h)
     x = x + h
-    h = rms_norm(x, p.pre_mlp_norm, eps)
+    h = kernels.rms_norm(x, p.pre_mlp_norm, eps)
     record(layer, resid_mid=x, mlp_norm=h)
     h = mlp(h, p.gate_proj, p.up_proj, p.down_proj)
     record(layer, mlp_out=h)
     if c.sandwich_norms:
-        h = rms_norm(h, p.post_mlp_norm, eps)
+        h = kernels.rms_norm(h, p.post_mlp_norm, eps)
         record(layer, post_mlp_norm=h)
     x = x + h
     record(layer, resid=x)
@@ -93,7 +93,7 @@ def forward(params: Params, c: GemmaConfig, token_ids, cache: KVCache, last_only
 
     if last_only:
         x = x[-1:]
-    x = rms_norm(x, params.final_norm, c.rms_norm_eps)
+    x = kernels.rms_norm(x, params.final_norm, c.rms_norm_eps)
     logits = kernels.linear(x, params.embed)  # tied head: (T, D) @ (D, V) -> (T, V)
     # Gemma 2 caps the final logits at 30 (transformers Gemma2ForCausalLM, gemma_pytorch Sampler)
     logits = softcap(logits, c.final_logit_softcapping)

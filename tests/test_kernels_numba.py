@@ -125,6 +125,28 @@ def test_attention_equals_numpy(kv_heads, group, head_dim, new, held, first, win
     assert np.max(np.abs(ours - ref)) < 1e-4
 
 
+# ---- RMSNorm ---------------------------------------------------------------------------------------------------
+
+@settings(max_examples=40, deadline=None)
+@given(lead=st.sampled_from([(1,), (7,), (3, 5)]), width=st.integers(1, 300), scale=st.sampled_from([1e-3, 1.0, 50.0]),
+       transposed=st.booleans(), seed=st.integers(0, 2**16))
+def test_rms_norm_equals_numpy(lead, width, scale, transposed, seed):
+    """Rows of any width, from a (..., N) array that may be a non-contiguous view (self_attention normalises
+    q transposed to (H, T, Dh))."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(lead + (width,)) * scale).astype(np.float32)
+    if transposed and len(lead) == 2:
+        x = x.transpose(1, 0, 2)
+    w = rng.standard_normal(width).astype(np.float32)
+    ours = kernels_numba.rms_norm(x, w, 1e-6)
+    ref = kernels.REFERENCE["rms_norm"](x, w, 1e-6)
+    assert ours.shape == ref.shape and ours.dtype == np.float32
+    # each output is x_i / rms * (1 + w_i), |x_i / rms| <= sqrt(N): a relative error of a few eps in rms (the
+    # sum of squares in another order) and one rounding each for the divide and the multiply
+    bound = 8 * EPS * np.sqrt(width) * (1 + np.abs(w))
+    assert np.all(np.abs(ours - ref) <= bound)
+
+
 # ---- the switch -----------------------------------------------------------------------------------------------
 
 def test_backend_switch(monkeypatch):
@@ -139,8 +161,10 @@ def test_backend_switch(monkeypatch):
         kernels.use_backend("cuda")
     with backend("numba"):
         assert kernels.linear is kernels_numba.linear and kernels.attention is kernels_numba.attention
+        assert kernels.rms_norm is kernels_numba.rms_norm
     with backend("numpy"):
         assert kernels.linear is numpy_linear and kernels.attention is numpy_attention
+        assert kernels.rms_norm is kernels.REFERENCE["rms_norm"]
 
 
 # ---- whole models ---------------------------------------------------------------------------------------------
