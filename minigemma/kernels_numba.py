@@ -33,16 +33,8 @@ import threading
 import time
 from pathlib import Path
 
-# GNU OpenMP (Numba's usual threading layer on Linux) keeps its idle threads spinning for ~300,000 rounds after
-# each parallel loop. That is right for decode, whose loops follow each other within microseconds, but the
-# spinning threads then hold the cores that OpenBLAS's sgemm needs in prefill: measured here, a dequantize +
-# sgemm pair took 14.4 ms instead of 5.6. 3,000 rounds keeps decode's threads warm (84 tok/s; 76 with 1,000,
-# 56 when they sleep at once) and gives the cores back to BLAS (prefill 2.6x faster). libgomp reads this when
-# Numba first loads it; setdefault leaves a user's own setting alone (docs/performance.md).
-os.environ.setdefault("GOMP_SPINCOUNT", "3000")
-
-import numba  # noqa: E402
-import numpy as np  # noqa: E402
+import numba
+import numpy as np
 from numba import njit, prange
 
 from . import kernels as reference
