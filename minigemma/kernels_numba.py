@@ -8,9 +8,15 @@ where Numba imports; see kernels.use_backend). Only these get a twin:
                         Int4x64), reading each weight once
                         many-token products (prefill): weights dequantized a cache-sized tile at a time
                         into float32, then BLAS sgemm (x @ tile): a hand-written GEMM rarely beats BLAS
-    attention(...)      one kernel for decode and prefill: per (head, tile of queries), an online softmax
-                        over tiles of keys (the flash-attention idea), so no (T, S) score matrix is built,
-                        and a sliding-window layer only visits the keys inside its window
+    attention(...)      an online softmax over tiles of keys (the flash-attention idea), so no (T, S) score
+                        matrix is built, and a sliding-window layer only visits the keys inside its window:
+                        for decode a Numba kernel per (head, tile of queries); from 32 queries on (prefill)
+                        the same recurrence on 256 x 256 blocks whose products are sgemm calls (NumPy)
+    rms_norm(x, w, eps) one pass per row (decode makes ~110 of these small calls per token)
+
+Which threads: decode's kernels run `prange` loops on Numba's threads; prefill's products run on OpenBLAS's,
+so the kernels used in prefill (tiles, RMSNorm) stay on one thread, and minigemma/__init__.py makes both pools
+stop spinning soon after their work (docs/kernels.md, "Threads").
 
 Rules the kernels follow (docs/kernels.md):
   * each has a header with the math and the shapes, like the NumPy twin it mirrors;
