@@ -204,10 +204,10 @@ def rms_norm_rows(x, weight, eps, out):
     """
     M, N = x.shape
     for m in range(M):
-        total = f32(0)
+        total = 0.0  # float64: the mean square rounded once, as close to NumPy's pairwise sum as it gets
         for i in range(N):
-            total += x[m, i] * x[m, i]
-        rms = np.sqrt(total / f32(N) + f32(eps))
+            total += np.float64(x[m, i]) * np.float64(x[m, i])
+        rms = np.sqrt(f32(total / N) + f32(eps))
         for i in range(N):
             out[m, i] = x[m, i] / rms * (f32(1) + weight[i])
 

@@ -55,7 +55,9 @@ def test_a_correct_model_is_within_noise_everywhere(pair, name):
     ours, hf, ids = pair(name)
     report = compare(ours, hf, ids)
     assert report.first_departure is None, report.format()
-    assert max(d.rel_diff for d in report.differences) < report.threshold / 10  # 3e-5; measured <= 2.1e-6
+    # well inside the threshold (3e-5): measured <= 2.2e-6 with the NumPy backend, <= 3.6e-6 with Numba's (its
+    # RMSNorm sums in another order; attention probabilities amplify a last-bit change in a norm the most)
+    assert max(d.rel_diff for d in report.differences) < report.threshold / 4
     steps = {d.step for d in report.differences}
     assert {"embed", "attn_norm", "q", "k", "v", "probs", "attn_out", "resid_mid", "mlp_norm", "mlp_out",
             "resid", "final_norm", "logits"} <= steps
@@ -102,7 +104,7 @@ def attention_probs_cap_after_mask(q, k, mask, scale, cap):
 # bug -> (model, function to replace as "module.name", the buggy version, where compare must see it start)
 BUGS = {
     "interleaved RoPE pairs": ("gemma3", "model.apply_rope", rope_interleaved, (0, "q")),
-    "norm without +1": ("gemma1", "model.rms_norm", rms_norm_without_plus_one, (0, "attn_norm")),
+    "norm without +1": ("gemma1", "kernels.rms_norm", rms_norm_without_plus_one, (0, "attn_norm")),
     "exact GELU": ("gemma2", "layers.gelu_tanh", gelu_exact, (0, "mlp_out")),
     "missing embedding scale": ("gemma3", "model.embed", embed_unscaled, (None, "embed")),
     "soft-cap after the mask": ("gemma2", "layers.attention_probs", attention_probs_cap_after_mask, (0, "probs")),
