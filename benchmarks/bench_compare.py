@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+ORIGINAL_ENV = dict(os.environ)
+
 CONFIGS = {
     # name: (side, options)
     # the NumPy reference builds the (H, T, S) score matrix: ~5 GB at 8k tokens, so no long prompt for it
@@ -153,7 +155,9 @@ print(json.dumps(result))
 
 def measure(name: str, lengths: list[int], long_len: int) -> dict:
     side, options = CONFIGS[name]
-    env = dict(os.environ)
+    # the environment this script started with: importing minigemma here (cold_compile_s) adds its thread
+    # settings to os.environ (minigemma/__init__.py), and they must not reach transformers' or llama.cpp's runs
+    env = dict(ORIGINAL_ENV)
     if options.get("threads"):
         env["NUMBA_NUM_THREADS"] = str(options["threads"])
     if options.get("long") is False:

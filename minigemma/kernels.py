@@ -137,10 +137,14 @@ def keep_freed_memory() -> None:
     glibc serves big requests with fresh mmap pages and trims its heap as soon as 8 MB or so are free at the
     top, so the next pass touches new pages again: a page fault per 4 KB, which cost ~20% of a 500-token
     prefill here (638 -> 797 tok/s with these settings; peak RSS the same, 593 MB). This is what
-    MALLOC_MMAP_THRESHOLD_=64M MALLOC_TRIM_THRESHOLD_=256M would do; if either is set, it is left alone.
-    Linux with glibc only; elsewhere nothing happens. Once per process."""
+    MALLOC_MMAP_THRESHOLD_=64M MALLOC_TRIM_THRESHOLD_=256M would do. It is process-wide: a long-running
+    process may keep up to 256 MB of freed memory. Left alone if either variable is set, if GLIBC_TUNABLES
+    tunes malloc, or with MINIGEMMA_KEEP_FREED_MEMORY=0. Linux with glibc only; elsewhere nothing happens.
+    Once per process."""
     global _malloc_tuned
-    if _malloc_tuned or any(f"MALLOC_{k}_THRESHOLD_" in os.environ for k in ("MMAP", "TRIM")):
+    if _malloc_tuned or any(f"MALLOC_{k}_THRESHOLD_" in os.environ for k in ("MMAP", "TRIM")) \
+            or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "") \
+            or os.environ.get("MINIGEMMA_KEEP_FREED_MEMORY", "1").strip() == "0":
         return
     _malloc_tuned = True
     try:

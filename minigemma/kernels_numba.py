@@ -21,7 +21,8 @@ stop spinning soon after their work (docs/kernels.md, "Threads").
 Rules the kernels follow (docs/kernels.md):
   * each has a header with the math and the shapes, like the NumPy twin it mirrors;
   * `prange` only over independent outputs (blocks of rows, heads); no exceptions or globals inside;
-  * arithmetic is float32; integers from the weights are widened one element at a time;
+  * arithmetic is float32 (one exception: rms_norm_rows sums its squares in float64); integers from the
+    weights are widened one element at a time;
   * fastmath is limited to reassociation and contraction (FMA): sums may be reordered (float32 summation
     order tolerance), but -inf, NaN and division keep their meaning (the attention mask relies on -inf);
   * `cache=True`: compiled once, stored in __pycache__, reloaded by later processes.
@@ -384,7 +385,7 @@ def linear(x: np.ndarray, w) -> np.ndarray:
 
 
 def _tiled_matmul(x: np.ndarray, w, out: np.ndarray) -> None:
-    """out = x @ w.T for a packed matrix, in equal tiles of at most ~BLOCK_BYTES of float32 weights.
+    """out = x @ w.T for a packed matrix, in equal tiles of about BLOCK_BYTES of float32 weights.
 
     The tiles are written into one scratch buffer per thread, reused from call to call: a fresh 4 MB array
     per product costs a thousand page faults each time (measured: ~15% of a 500-token prefill).
@@ -463,6 +464,7 @@ def attention_tiles(q, k, v, q_positions, k_positions, window, scale, cap, tile:
 
     Shapes: q (H, T, Dh), k, v (K, S, Dh), (T,), (S,) ascending -> (H, T, Dh) float32
     """
+    q, k, v = (np.asarray(a, dtype=f32) for a in (q, k, v))
     H, T, Dh = q.shape
     K = k.shape[0]
     G = H // K

@@ -116,7 +116,7 @@ def logit_lens(model, hidden: np.ndarray) -> np.ndarray:
     Shapes: (..., D) -> (..., V)
     """
     c, p = model.config, model.params
-    x = layers.rms_norm(hidden, p.final_norm, c.rms_norm_eps)
+    x = kernels.rms_norm(hidden, p.final_norm, c.rms_norm_eps)
     shape = x.shape
     logits = kernels.linear(x.reshape(-1, shape[-1]), p.embed)  # tied head: (N, D) -> (N, V)
     return layers.softcap(logits, c.final_logit_softcapping).reshape(*shape[:-1], -1)

@@ -58,15 +58,22 @@ def make_weight(kind: str, x: np.ndarray):
 @given(kind=st.sampled_from(["float32", "bfloat16", "float16", "int8", "int4", "int8x64", "int4x64"]),
        out=st.integers(1, 200), groups=st.integers(1, 5),
        tokens=st.sampled_from([1, 2, kernels_numba.MATVEC_MAX_T, kernels_numba.MATVEC_MAX_T + 1, 23]),
-       seed=st.integers(0, 2**16))
-def test_linear_equals_numpy(kind, out, groups, tokens, seed):
+       seed=st.integers(0, 2**16), small_tiles=st.booleans())
+def test_linear_equals_numpy(kind, out, groups, tokens, seed, small_tiles):
     """Odd row counts (a packed matrix's last block is padding), both paths (matrix-vector up to
-    MATVEC_MAX_T tokens, dequantized tiles and BLAS above)."""
+    MATVEC_MAX_T tokens, dequantized tiles and BLAS above); with small_tiles, tiles of 2 blocks (128
+    rows), so a prefill product takes several tiles, the last one maybe narrower."""
     rng = np.random.default_rng(seed)
     width = 32 * groups
     w = make_weight(kind, rng.standard_normal((out, width)).astype(np.float32))
     x = rng.standard_normal((tokens, width)).astype(np.float32)
-    ours, ref = kernels_numba.linear(x, w), numpy_linear(x, w)
+    saved = kernels_numba.BLOCK_BYTES
+    kernels_numba.BLOCK_BYTES = 2 * 64 * 4 * width if small_tiles else saved  # (hypothesis: no monkeypatch)
+    try:
+        ours = kernels_numba.linear(x, w)
+    finally:
+        kernels_numba.BLOCK_BYTES = saved
+    ref = numpy_linear(x, w)
     assert ours.shape == ref.shape == (tokens, out) and ours.dtype == np.float32
     # the same products summed in another order: either order is within (terms) * eps * sum |x_i w_i| of the
     # exact sum (Higham, Accuracy and Stability, 3.1); measured: at most 1.4 * eps * sum |x_i w_i|
@@ -200,7 +207,8 @@ def test_tiny_models_same_on_both_backends(model_type, kind):
     config = tiny_config(model_type)
     params = stored_as(random_params(config, np.random.default_rng(3)), kind)
     model = Gemma(config, params)
-    ids = np.random.default_rng(4).integers(0, config.vocab_size, 11)  # past the window of 5
+    # past the window of 5, and more than BLAS_ATTENTION_MIN_T queries: prefill takes attention_tiles
+    ids = np.random.default_rng(4).integers(0, config.vocab_size, 40)
     with backend("numpy"):
         ref_logits, ref_text = run(model, ids)
     with backend("numba"):
