@@ -3,15 +3,12 @@
 import os
 
 # Two thread pools share the cores: OpenBLAS's (prefill's sgemm) and Numba's OpenMP threads (decode's kernels).
-# By default each keeps its idle threads spinning after its work, holding cores the other one needs next:
-# GNU OpenMP for ~300,000 rounds (measured: a dequantize + sgemm pair took 14.4 ms instead of 5.6), OpenBLAS
-# for 2^28 cycles, ~0.1 s (the first three decoded tokens after a prefill took 40 ms instead of 11). These
-# make both go to sleep soon: 3,000 rounds keep Numba's threads warm between a decode step's loops (84 tok/s;
-# 56 when they sleep at once), 2^10 cycles cost sgemm nothing measurable. The libraries read them when they
-# load: OpenMP when Numba first runs a parallel kernel, OpenBLAS when NumPy is imported, so the second takes
-# effect only if minigemma is imported before NumPy (as `python -m minigemma` does). setdefault: a user's own
-# settings win. docs/performance.md has the numbers.
-os.environ.setdefault("GOMP_SPINCOUNT", "3000")
+# OpenBLAS keeps its idle worker spinning for 2^28 cycles, ~0.1 s, after each product, holding a core that
+# decode's threads need next: the first three tokens decoded after a prefill took 40 ms instead of 11. 2^10
+# cycles cost sgemm nothing measurable. OpenBLAS reads this when NumPy is imported, so it takes effect only if
+# minigemma is imported before NumPy (as `python -m minigemma` does); setdefault: a user's own setting wins.
+# (Prefill runs no parallel Numba loop, so OpenMP's own spinning is left at its default: cutting it to 3,000
+# rounds made one process in ~12 decode at half speed throughout. docs/kernels.md, "Threads".)
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "10")
 
 from .config import GemmaConfig  # noqa: E402

@@ -15,8 +15,8 @@ where Numba imports; see kernels.use_backend). Only these get a twin:
     rms_norm(x, w, eps) one pass per row (decode makes ~110 of these small calls per token)
 
 Which threads: decode's kernels run `prange` loops on Numba's threads; prefill's products run on OpenBLAS's,
-so the kernels used in prefill (tiles, RMSNorm) stay on one thread, and minigemma/__init__.py makes both pools
-stop spinning soon after their work (docs/kernels.md, "Threads").
+so the kernels used in prefill (tiles, RMSNorm) stay on one thread, and minigemma/__init__.py makes OpenBLAS's
+worker stop spinning soon after its work (docs/kernels.md, "Threads").
 
 Rules the kernels follow (docs/kernels.md):
   * each has a header with the math and the shapes, like the NumPy twin it mirrors;
