@@ -18,8 +18,8 @@ Backends. The functions in this module are the NumPy reference. `use_backend("nu
 signatures, same answers within float32 summation order); `use_backend("numpy")` puts these back. That is
 why everything calls `kernels.linear(...)` through the module. The backend is one per process:
 `minigemma.load(..., backend=...)`, the environment variable MINIGEMMA_BACKEND, or `--backend` choose it; by
-default it is numba where Numba imports, else numpy. Weights loaded for one backend work on the other (slower: `prepare` chose
-their layout for the backend of the load).
+default it is numba where Numba imports, else numpy. Weights loaded for one backend work on the other (slower:
+`prepare` chose their layout for the backend of the load).
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def prepare(w):
 # ---- choosing the backend ------------------------------------------------------------------------------------
 
 BACKENDS = ("numpy", "numba")
-REFERENCE = {"linear": linear, "attention": attention, "rms_norm": rms_norm, "prepare": prepare}  # the NumPy definitions, kept
+REFERENCE = {"linear": linear, "attention": attention, "rms_norm": rms_norm,
+             "prepare": prepare}  # the NumPy definitions, kept
 backend = "numpy"  # the one in use
 
 

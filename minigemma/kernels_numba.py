@@ -417,10 +417,6 @@ def _scratch(size: int) -> np.ndarray:
     return buf[:size]
 
 
-BLAS_ATTENTION_MIN_T = 32  # from this many queries on, attention_tiles (sgemm per tile) beats flash_attention
-BLAS_TILE = 256  # queries and keys per tile of attention_tiles: (K, G*256, 256) scores, 1 MB for G = 4
-
-
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """As kernels.rms_norm. Shapes: (..., N), (N,) -> (..., N) float32"""
     x = np.ascontiguousarray(x, dtype=f32)
@@ -428,6 +424,10 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     N = x.shape[-1]
     _run(rms_norm_rows, x.reshape(-1, N), np.ascontiguousarray(weight, dtype=f32), float(eps), out.reshape(-1, N))
     return out
+
+
+BLAS_ATTENTION_MIN_T = 32  # from this many queries on, attention_tiles (sgemm per tile) beats flash_attention
+BLAS_TILE = 256  # queries and keys per tile of attention_tiles: (K, G*256, 256) scores, 1 MB for G = 4
 
 
 def attention(q, k, v, q_positions, k_positions, window, scale, cap) -> np.ndarray:
