@@ -361,6 +361,13 @@ class GGUFTensor(StoredTensor):
             blocks = np.asarray(self.t.data).reshape(rows * groups, -1)
             d, k = symmetric_levels(blocks, self.type)
             return Int8(q=k.reshape(rows, groups, 32), d=d.reshape(rows, groups))
+        # Q4_K's 32-weight sub-blocks are on a 4-bit grid with a scale and a minimum each: int4 holds them as
+        # they are, up to the fp16 rounding of those two numbers. Asked for int8 too: requantizing a 4-bit grid
+        # to 8 bits would only add error (docs/quantization.md)
+        if kind in ("int8", "int4") and self.type == "Q4_K":
+            w = Int4.from_q4_k(self.t.data, self.shape)
+            if np.isfinite(w.d).all() and np.isfinite(w.m).all():  # else a product overflowed fp16: requantize
+                return w
         if (kind, self.type) == ("float16", "F16"):
             return Float16Bits(self.t.data, "float16")
         if (kind, self.type) == ("bfloat16", "BF16"):

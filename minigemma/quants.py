@@ -131,12 +131,21 @@ def _scales_mins_k4(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 #   sub-block j (32 weights): x = (d * sc[j]) * q - (dmin * m[j])
 #   qs comes in 4 runs of 32 bytes; run r holds sub-block 2r in its low nibbles and 2r+1 in its high ones.
 def _q4_k(blocks):
+    scale, offset, q = q4_k_sub_blocks(blocks)
+    return (scale[:, :, None] * q + offset[:, :, None]).reshape(len(blocks), QK_K)
+
+
+def q4_k_sub_blocks(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_K blocks as 32-weight sub-blocks on a 4-bit grid: x = scale * q + offset, q in 0..15.
+
+    (n, 144) uint8 -> scale (n, 8) float32 = d * sc, offset (n, 8) float32 = -dmin * m, q (n, 8, 32) uint8.
+    That is Q4_1's form (a scale and a minimum per 32 weights), which is how minigemma's int4 holds a Q4_K
+    tensor without requantizing it (weights.Int4.from_q4_k)."""
     n = len(blocks)
     d, dmin = _f16(blocks[:, 0:2]), _f16(blocks[:, 2:4])
     sc, m = _scales_mins_k4(blocks[:, 4:16])
     q = _nibbles(blocks[:, 16:].reshape(n, 4, 32)).reshape(n, 8, 32)  # (n, run, 64) -> (n, sub-block, 32)
-    x = (d * sc)[:, :, None] * q - (dmin * m)[:, :, None]
-    return x.reshape(n, QK_K)
+    return d * sc, -(dmin * m), q
 
 
 # block_q5_K, 176 bytes: d fp16 [0:2] | dmin fp16 [2:4] | scales 12 [4:16] | qh 32 [16:48] | qs 128 [48:176]

@@ -17,9 +17,13 @@ and `d` are views of the memory-mapped file, nothing is copied or requantized.
 
 int4 is asymmetric, a scale and a minimum per group of 32: x = d * q + m, q in 0..15. It is llama.cpp's Q4_1
 layout, with d and m chosen by least squares (Int4.from_float). Measured on the built-in model
-(docs/quantization.md) it is clearly better than the symmetric Q4_0 layout, for 1/16 byte more per weight. The tied embedding / LM
-head stays int8 under "int4" (see loading.py): it is the most sensitive matrix, and llama.cpp's own Q4_K_M
-file of the built-in model keeps it at Q8_0 too.
+(docs/quantization.md) it is clearly better than the symmetric Q4_0 layout, for 1/16 byte more per weight.
+Under "int4" the most sensitive matrices stay int8, as in llama.cpp's Q4_K_M (storage_for): the tied
+embedding / LM head, v_proj, and down_proj in some blocks.
+
+A GGUF tensor already on one of these grids is never requantized (gguf_file.GGUFTensor.stored): Q8_0 is used
+in place, Q4_0/Q5_0 are int8 exactly, and Q4_K's sub-blocks are int4 up to the fp16 rounding of their scales,
+under "int8" as well as "int4" (8 bits would only add error to a 4-bit grid).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .quants import bf16_to_f32
+from .quants import bf16_to_f32, q4_k_sub_blocks
 
 GROUP = 32  # weights per scale, along the input dimension
 
@@ -170,6 +174,20 @@ class Int4:
         q = _q4_levels(groups, best_d, best_m).astype(np.uint8)
         return cls(q[..., :16] | (q[..., 16:] << 4), best_d[..., 0].astype(np.float16),
                    best_m[..., 0].astype(np.float16))
+
+    @classmethod
+    def from_q4_k(cls, data: np.ndarray, shape: tuple[int, int]) -> "Int4":
+        """GGUF Q4_K bytes (out, in/256 * 144) as int4, without requantizing.
+
+        A Q4_K sub-block of 32 weights is already (d * sc) * q - dmin * m with q in 0..15: one scale and
+        one minimum per 32, Q4_1's form. Only the two products are rounded, to fp16 (a relative 2^-11 of each);
+        requantizing the weights to int8 instead would move each by up to half an int8 step, ~10x more."""
+        rows, width = shape
+        scale, offset, q = q4_k_sub_blocks(np.asarray(data).reshape(-1, 144))  # per sub-block of 32
+        groups = width // GROUP
+        return cls(nibbles=(q[..., :16] | q[..., 16:] << 4).reshape(rows, groups, 16),
+                   d=scale.astype(np.float16).reshape(rows, groups),
+                   m=offset.astype(np.float16).reshape(rows, groups))
 
     @classmethod
     def from_q4_1(cls, data: np.ndarray, shape: tuple[int, int]) -> "Int4":
@@ -366,12 +384,24 @@ class StoredTensor:
         return None
 
 
-def storage_for(field: str, quantize: str | None, dtype: str | None) -> str:
-    """The storage of one parameter: norms (1-D) stay float32 (see to_weight); under "int4" the tied embedding
-    / LM head is int8, being the matrix whose error costs the most (measured in docs/quantization.md)."""
-    if quantize == "int4" and field == "embed":
+def storage_for(field: str, quantize: str | None, dtype: str | None, layer: int = 0, n_layers: int = 1) -> str:
+    """The storage of one parameter (`layer` of `n_layers` for a block's matrices). Norms (1-D) stay float32
+    (see to_weight).
+
+    Under "int4", the matrices whose 4-bit error costs the most stay int8, the choice llama.cpp's Q4_K_M makes
+    (llama-quant.cpp, llama_tensor_get_type and use_more_bits), measured on the built-in model in
+    docs/quantization.md: the tied embedding / LM head (the input of every token and the output distribution),
+    every v_proj (1% of the weights, a third of the int4 error), and down_proj in the first and last eighth of
+    the blocks and every third one between."""
+    if quantize == "int4" and (field in ("embed", "v_proj") or (field == "down_proj" and more_bits(layer, n_layers))):
         return "int8"
     return quantize or dtype or "float32"
+
+
+def more_bits(layer: int, n_layers: int) -> bool:
+    """llama.cpp's use_more_bits: the blocks whose down_proj Q4_K_M keeps at 6 bits (9 of the 270M's 18)."""
+    eighth = n_layers // 8
+    return layer < eighth or layer >= 7 * n_layers // 8 or (layer - eighth) % 3 == 2
 
 
 def to_weight(t: StoredTensor, kind: str):

@@ -93,6 +93,41 @@ def test_int4_recovers_a_4_bit_grid():
     assert not np.array_equal(naive, x)
 
 
+def q4_k_bytes(rng, rows: int, width: int) -> np.ndarray:
+    """Random GGUF Q4_K data (rows, width/256 * 144): any bytes make a valid block once d and dmin are
+    ordinary fp16 numbers (the 6-bit scales and mins and the nibbles take every value)."""
+    b = rng.integers(0, 256, size=(rows * width // 256, 144), dtype=np.uint8)
+    b[:, 0:2] = rng.uniform(1e-4, 1e-2, (len(b), 1)).astype(np.float16).view(np.uint8)  # d
+    b[:, 2:4] = rng.uniform(1e-4, 1e-2, (len(b), 1)).astype(np.float16).view(np.uint8)  # dmin
+    return b.reshape(rows, -1)
+
+
+def q4_k_as_int4_bound(w: Int4) -> np.ndarray:
+    """Per element, the most Int4.from_q4_k may move a Q4_K weight: each sub-block's scale and offset are
+    rounded to fp16, half an ulp, 2^-11 of each (relative to the rounded value: times 1 + 2^-10), and
+    q <= 15; plus float32 rounding in the two dequantizers."""
+    d, m = np.abs(w.d.astype(np.float64)), np.abs(w.m.astype(np.float64))
+    bound = 2.0**-11 * (1 + 2.0**-10) * (15 * d + m) + 4 * EPS32 * (15 * d + m)
+    return np.repeat(bound, 32, axis=-1)
+
+
+def test_q4_k_becomes_int4_without_requantizing():
+    """A Q4_K sub-block of 32 weights is (d sc) q - dmin m: int4 keeps its levels and rounds only the two
+    products to fp16. That is within the fp16 bound of gguf's own dequantizer, and much closer to the file
+    than requantizing it to int8 (half an int8 step, amax/254) would be."""
+    rng = np.random.default_rng(7)
+    rows, width = 5, 768
+    raw = q4_k_bytes(rng, rows, width)
+    exact = gguf_quants.dequantize(raw, T.Q4_K)
+    w = Int4.from_q4_k(raw, (rows, width))
+    assert w.shape == (rows, width) and w.nbytes == rows * width * 20 // 32
+    got = w.rows(0, rows)
+    assert (np.abs(got - exact) <= q4_k_as_int4_bound(w)).all()
+    int8_error = np.abs(dequantize(Int8.from_float(exact)) - exact).max()
+    assert np.abs(got - exact).max() < int8_error / 4
+    np.testing.assert_array_equal(w.rows(2, 4), got[2:4])
+
+
 def test_bfloat16_rounds_as_torch():
     x = np.random.default_rng(1).standard_normal((9, 40)).astype(np.float32) * 1e3
     x[0, :4] = [np.inf, -np.inf, 0.0, -0.0]
@@ -268,6 +303,19 @@ def test_quantized_model_is_the_model_on_dequantized_weights(tiny_bf16_dir, quan
     assert rel_err(m.forward(ids), minigemma.load(tiny_bf16_dir).forward(ids)) > 1e-6
 
 
+def test_int4_keeps_the_sensitive_matrices_at_int8(tiny_bf16_dir):
+    """Under "int4" the tied embedding, every v_proj, and down_proj in llama.cpp's "more bits" blocks stay
+    int8 (weights.storage_for); everything else is int4. With 4 blocks, use_more_bits picks the last eighth
+    (block 3) and every third from the first eighth on (block 2)."""
+    m = minigemma.load(tiny_bf16_dir, quantize="int4", backend="numpy")
+    assert [i for i in range(4) if weights.more_bits(i, 4)] == [2, 3]
+    assert isinstance(m.params.embed, Int8)
+    for i, layer in enumerate(m.params.layers):
+        assert isinstance(layer.v_proj, Int8) and isinstance(layer.up_proj, Int4), i
+        assert isinstance(layer.q_proj, Int4) and isinstance(layer.o_proj, Int4), i
+        assert isinstance(layer.down_proj, Int8 if i >= 2 else Int4), i
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(quantize="int3"), "quantize='int3'"),
     (dict(dtype="float64"), "dtype='float64'"),
@@ -282,7 +330,7 @@ def test_bad_storage_arguments_are_named(tiny_bf16_dir, kwargs, message):
 def test_gguf_q8_0_tensors_are_used_as_stored(gguf_path, gguf_reader):
     """The built-in file's Q8_0 tensors (the embedding and some attn_v) become int8 weights that are views of
     the memory-mapped file, no copy and no requantizing: bit-identical to gguf's own dequantizer. Its Q5_0
-    tensors are re-encoded exactly; only the K-quants are requantized."""
+    tensors are re-encoded exactly, its Q4_K tensors kept on their grid as int4; only Q6_K is requantized."""
     from minigemma.params import LAYER_TENSORS
 
     m = minigemma.load(gguf_path, quantize="int8", progress=False, backend="numpy")
@@ -307,10 +355,30 @@ def test_gguf_q8_0_tensors_are_used_as_stored(gguf_path, gguf_reader):
         w = param(t.name)
         assert isinstance(w, Int8), t.name
         np.testing.assert_array_equal(dequantize(w), gguf_quants.dequantize(t.data, T.Q5_0), t.name)
-    # and the K-quants (Q4_K, Q6_K) were requantized to int8, into arrays of their own
-    others = [t for t in gguf_reader.tensors if t.tensor_type in (T.Q4_K, T.Q6_K)]
-    assert others
-    for t in others:
+    # Q4_K tensors keep their 4-bit levels as int4, only the scales rounded to fp16
+    q4k = [t for t in gguf_reader.tensors if t.tensor_type == T.Q4_K]
+    assert q4k
+    for t in q4k:
+        w = param(t.name)
+        assert isinstance(w, Int4), t.name
+        error = np.abs(dequantize(w) - gguf_quants.dequantize(t.data, T.Q4_K))
+        assert (error <= q4_k_as_int4_bound(w)).all(), t.name
+    # and only Q6_K tensors are requantized to int8, into arrays of their own
+    q6k = [t for t in gguf_reader.tensors if t.tensor_type == T.Q6_K]
+    assert q6k
+    for t in q6k:
         w = param(t.name)
         assert isinstance(w, Int8) and w.q.flags.writeable, t.name
-        assert not np.array_equal(dequantize(w), gguf_quants.dequantize(t.data, t.tensor_type)), t.name
+        assert not np.array_equal(dequantize(w), gguf_quants.dequantize(t.data, T.Q6_K)), t.name
+
+
+@pytest.mark.slow
+def test_more_bits_are_the_blocks_llama_cpp_chose(gguf_reader):
+    """weights.more_bits is llama.cpp's use_more_bits: the built-in Q4_K_M file, which llama.cpp's quantizer
+    wrote, holds ffn_down and attn_v at more than 5 bits (Q6_K, Q8_0) in exactly those blocks."""
+    wide = {T.Q6_K, T.Q8_0}
+    n = 1 + max(int(t.name.split(".")[1]) for t in gguf_reader.tensors if t.name.startswith("blk."))
+    for kind in ("ffn_down", "attn_v"):
+        chosen = sorted(int(t.name.split(".")[1]) for t in gguf_reader.tensors
+                        if t.name.endswith(f"{kind}.weight") and t.tensor_type in wide)
+        assert chosen == [i for i in range(n) if weights.more_bits(i, n)], kind
