@@ -9,7 +9,9 @@ mean KL divergence, top-1 agreement, perplexity.
 
     python benchmarks/quant_variants.py [--tokens 2048] [--context 512]
 
-Prints a Markdown table (the one in docs/quantization.md came from this script).
+Prints a Markdown table (the one in docs/quantization.md came from this script). With `--int8-fields`, a
+second table: minigemma's int4 as it loads, then with more of its matrices kept int8 (taken from an int8
+load), to show what int4's top-1 agreement costs in bytes.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from gguf import quants as gguf_quants
 
 import minigemma
 from minigemma.perplexity import perplexity, reference_text
+from minigemma.params import params_nbytes
 from minigemma.weights import Int4, dequantize
 
 # name -> (type for the layer matrices, type for the tied embedding / head); None keeps float32
@@ -53,10 +56,34 @@ def variant(model, layer_type, embed_type):
     return minigemma.Gemma(model.config, params, model.tokenizer)
 
 
+# minigemma's int4 with these matrices taken from an int8 load instead (beyond those int4 keeps int8 itself)
+MORE_INT8 = {
+    "int4 as loaded (embedding, v_proj, some down_proj int8)": (),
+    "+ up_proj int8": ("up_proj",),
+    "+ up_proj, gate_proj int8": ("up_proj", "gate_proj"),
+    "+ up_proj, gate_proj, q_proj, k_proj int8": ("up_proj", "gate_proj", "q_proj", "k_proj"),
+}
+
+
+def mixed(reference, m4, m8, fields):
+    """The float32 model on the dequantized weights of m4, with `fields` of every block from m8; and its
+    weight bytes as stored."""
+    layers, stored = [], []
+    for ref_layer, l4, l8 in zip(reference.params.layers, m4.params.layers, m8.params.layers):
+        pick = {f: getattr(l8 if f in fields else l4, f) for f, w in vars(ref_layer).items()
+                if w is not None and w.ndim == 2}
+        stored.append(dataclasses.replace(l4, **pick))
+        layers.append(dataclasses.replace(ref_layer, **{f: dequantize(w) for f, w in pick.items()}))
+    nbytes = params_nbytes(dataclasses.replace(m4.params, layers=stored))
+    params = dataclasses.replace(reference.params, embed=dequantize(m4.params.embed), layers=layers)
+    return minigemma.Gemma(reference.config, params, reference.tokenizer), nbytes
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--int8-fields", action="store_true", help="only the second table (int4 with more int8)")
     args = ap.parse_args()
 
     reference = minigemma.load(progress=False, backend="numpy")  # float32 products: BLAS either way
@@ -64,9 +91,21 @@ def main():
     n_embed = reference.params.embed.size
     n_layers = reference.config.num_parameters - n_embed
     print(f"{len(ids)} tokens of pydoc_data.topics, context {args.context}, stride {args.context // 2}\n")
+    base = perplexity(reference, ids, context=args.context)
+    if args.int8_fields:
+        m4 = minigemma.load(progress=False, backend="numpy", quantize="int4")
+        m8 = minigemma.load(progress=False, backend="numpy", quantize="int8")
+        print(f"| weights | bytes | mean KL | top-1 agreement | perplexity (float32: {base.perplexity:.3f}) |")
+        print("|---|---|---|---|---|")
+        for name, fields in MORE_INT8.items():
+            model, nbytes = mixed(reference, m4, m8, fields)
+            d = perplexity(model, ids, context=args.context, reference=reference).as_dict()
+            print(f"| {name} | {nbytes / 1e6:.0f} MB | {d['mean_kl']:.4f} | {d['top1_agreement']:.2%} | "
+                  f"{d['perplexity']:.3f} |", flush=True)
+        print(f"| int8 | {m8.nbytes / 1e6:.0f} MB | | | |")
+        return
     print("| scheme | bytes/weight (whole model) | mean KL | top-1 agreement | perplexity |")
     print("|---|---|---|---|---|")
-    base = perplexity(reference, ids, context=args.context)
     print(f"| float32 reference | 4 | 0 | 100% | {base.perplexity:.3f} |")
     for name, (layer_type, embed_type) in CANDIDATES.items():
         start = time.perf_counter()
