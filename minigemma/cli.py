@@ -57,7 +57,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     command that loads a model)."""
     p.add_argument("--model", default=None,
                    help="HF directory, .gguf file or HF repo id (default: the built-in Gemma 3 270M)")
-    # The default stays the float32 reference: int8 needs 3.7x less memory, but on the README's second prompt
+    # The default stays the float32 reference: int8 needs 3.9x less memory, but on the README's second prompt
     # ("The capital of France is", 64 tokens) its greedy text parts from float32's (docs/quantization.md).
     p.add_argument("--quantize", default="none", choices=("none",) + QUANTIZE_CHOICES,
                    help="store the weight matrices as int8 or int4 (default: none, the float32 reference)")
