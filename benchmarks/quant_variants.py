@@ -9,9 +9,11 @@ mean KL divergence, top-1 agreement, perplexity.
 
     python benchmarks/quant_variants.py [--tokens 2048] [--context 512]
 
-Prints a Markdown table (the one in docs/quantization.md came from this script). With `--int8-fields`, a
-second table: minigemma's int4 as it loads, then with more of its matrices kept int8 (taken from an int8
-load), to show what int4's top-1 agreement costs in bytes.
+Prints a Markdown table (the one in docs/quantization.md came from this script). Two other tables:
+  --int8-fields   minigemma's int4 as it loads, then with more of its matrices kept int8 (taken from an int8
+                  load): what int4's top-1 agreement costs in bytes;
+  --one-at-a-time each kind of layer matrix alone at int4 (Int4.from_float), everything else float32: which
+                  matrices carry int4's error (why weights.storage_for keeps v_proj int8).
 """
 
 from __future__ import annotations
@@ -83,7 +85,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--context", type=int, default=512)
-    ap.add_argument("--int8-fields", action="store_true", help="only the second table (int4 with more int8)")
+    ap.add_argument("--int8-fields", action="store_true", help="only the table of int4 with more int8")
+    ap.add_argument("--one-at-a-time", action="store_true", help="only the table of one matrix kind at int4")
     args = ap.parse_args()
 
     reference = minigemma.load(progress=False, backend="numpy")  # float32 products: BLAS either way
@@ -91,6 +94,17 @@ def main():
     n_embed = reference.params.embed.size
     n_layers = reference.config.num_parameters - n_embed
     print(f"{len(ids)} tokens of pydoc_data.topics, context {args.context}, stride {args.context // 2}\n")
+    if args.one_at_a_time:
+        print("| only this kind at int4 | mean KL | top-1 agreement |")
+        print("|---|---|---|")
+        for field in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+            layers = [dataclasses.replace(layer, **{field: requantized(getattr(layer, field), "int4")})
+                      for layer in reference.params.layers]
+            model = minigemma.Gemma(reference.config, dataclasses.replace(reference.params, layers=layers),
+                                    reference.tokenizer)
+            d = perplexity(model, ids, context=args.context, reference=reference).as_dict()
+            print(f"| {field} | {d['mean_kl']:.4f} | {d['top1_agreement']:.2%} |", flush=True)
+        return
     base = perplexity(reference, ids, context=args.context)
     if args.int8_fields:
         m4 = minigemma.load(progress=False, backend="numpy", quantize="int4")

@@ -361,17 +361,19 @@ class GGUFTensor(StoredTensor):
             blocks = np.asarray(self.t.data).reshape(rows * groups, -1)
             d, k = symmetric_levels(blocks, self.type)
             return Int8(q=k.reshape(rows, groups, 32), d=d.reshape(rows, groups))
-        # Q4_K's 32-weight sub-blocks are on a 4-bit grid with a scale and a minimum each: int4 holds them as
-        # they are, up to the fp16 rounding of those two numbers. Asked for int8 too: requantizing a 4-bit grid
-        # to 8 bits would only add error (docs/quantization.md)
-        if kind in ("int8", "int4") and self.type == "Q4_K":
-            w = Int4.from_q4_k(self.t.data, self.shape)
-            if np.isfinite(w.d).all() and np.isfinite(w.m).all():  # else a product overflowed fp16: requantize
-                return w
         if (kind, self.type) == ("float16", "F16"):
             return Float16Bits(self.t.data, "float16")
         if (kind, self.type) == ("bfloat16", "BF16"):
             return Float16Bits(self.t.data.view(np.uint16), "bfloat16")
+        # Q4_K's 32-weight sub-blocks are on a 4-bit grid with a scale and a minimum each: int4 holds them as
+        # they are, up to the fp16 rounding of those two numbers. Asked for int8 too: requantizing a 4-bit grid
+        # to 8 bits would only add error (docs/quantization.md)
+        if kind in ("int8", "int4") and self.type == "Q4_K":
+            try:
+                return Int4.from_q4_k(self.t.data, self.shape)
+            except ValueError:  # scales beyond fp16: int8's smaller ones (amax/127) may fit; int4's would not
+                if kind == "int4":
+                    raise
         return None
 
 
@@ -379,8 +381,9 @@ def load_gguf_params(reader, config: GemmaConfig, path: Path, progress: bool = T
                      dtype: str | None = None) -> Params:
     """Read every tensor named in params.LAYER_TENSORS into its storage (float32 by default), one at a time.
 
-    Tensors of another type than the chosen one (Q4_K, Q5_0, Q6_K, ...) are dequantized a block of rows at a
-    time and requantized; with no `quantize` nor `dtype` each is dequantized to float32, the reference."""
+    A tensor the chosen storage holds as it is, or on its own grid, is not requantized (GGUFTensor.stored);
+    the others (under int8 Q6_K, say; under int4 also Q5_0) are dequantized a block of rows at a time and
+    requantized. With no `quantize` nor `dtype` each is dequantized to float32, the reference."""
     bar = tqdm(total=len(reader.tensors), desc=f"loading {path.name}", unit="tensor", disable=not progress,
                leave=False)
     try:

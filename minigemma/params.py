@@ -128,7 +128,7 @@ def build_params(config: GemmaConfig, tensors: Mapping[str, StoredTensor], colum
             raise ModelFileError(f"{source}: tensor {name} has shape {tuple(t.shape)}, expected {spec.shape(config)}")
         used.add(name)
         try:
-            weight = to_weight(t, storage_for(spec.field, quantize, dtype, layer or 0, config.num_hidden_layers))
+            weight = to_weight(t, storage_for(spec.field, quantize, dtype, layer, config.num_hidden_layers))
         except ModelFileError:
             raise
         except ValueError as e:  # e.g. a GGML type we can't dequantize, or a width int8 can't group

@@ -18,12 +18,12 @@ and `d` are views of the memory-mapped file, nothing is copied or requantized.
 int4 is asymmetric, a scale and a minimum per group of 32: x = d * q + m, q in 0..15. It is llama.cpp's Q4_1
 layout, with d and m chosen by least squares (Int4.from_float). Measured on the built-in model
 (docs/quantization.md) it is clearly better than the symmetric Q4_0 layout, for 1/16 byte more per weight.
-Under "int4" the most sensitive matrices stay int8, as in llama.cpp's Q4_K_M (storage_for): the tied
-embedding / LM head, v_proj, and down_proj in some blocks.
+Under "int4" the most sensitive matrices stay int8 (storage_for): the tied embedding / LM head and down_proj in
+some blocks, as in llama.cpp's Q4_K_M, and every v_proj.
 
-A GGUF tensor already on one of these grids is never requantized (gguf_file.GGUFTensor.stored): Q8_0 is used
-in place, Q4_0/Q5_0 are int8 exactly, and Q4_K's sub-blocks are int4 up to the fp16 rounding of their scales,
-under "int8" as well as "int4" (8 bits would only add error to a 4-bit grid).
+A GGUF tensor already on one of these grids is not requantized (gguf_file.GGUFTensor.stored): Q8_0 is used in
+place as int8, Q4_0/Q5_0 become int8 exactly, and Q4_K's sub-blocks become int4 up to the fp16 rounding of
+their scales, under "int8" as well as "int4" (8 bits would only add error to a 4-bit grid).
 """
 
 from __future__ import annotations
@@ -183,7 +183,10 @@ class Int4:
         one minimum per 32, Q4_1's form. Only the two products are rounded, to fp16 (a relative 2^-11 of each);
         requantizing the weights to int8 instead would move each by up to half an int8 step, ~10x more."""
         rows, width = shape
+        # the whole tensor at once: ~2 bytes per weight of temporaries (levels, nibbles), no float32 copy
         scale, offset, q = q4_k_sub_blocks(np.asarray(data).reshape(-1, 144))  # per sub-block of 32
+        if max(np.abs(scale).max(), np.abs(offset).max()) > np.finfo(np.float16).max:
+            raise ValueError("Q4_K sub-block scales exceed float16's range (65504): int4 cannot hold them")
         groups = width // GROUP
         return cls(nibbles=(q[..., :16] | q[..., 16:] << 4).reshape(rows, groups, 16),
                    d=scale.astype(np.float16).reshape(rows, groups),
@@ -384,16 +387,19 @@ class StoredTensor:
         return None
 
 
-def storage_for(field: str, quantize: str | None, dtype: str | None, layer: int = 0, n_layers: int = 1) -> str:
-    """The storage of one parameter (`layer` of `n_layers` for a block's matrices). Norms (1-D) stay float32
-    (see to_weight).
+def storage_for(field: str, quantize: str | None, dtype: str | None, layer: int | None = None,
+                n_layers: int | None = None) -> str:
+    """The storage of one parameter: `layer` of `n_layers` for a block's matrices, None for the embedding.
+    Norms (1-D) stay float32 (see to_weight).
 
-    Under "int4", the matrices whose 4-bit error costs the most stay int8, the choice llama.cpp's Q4_K_M makes
-    (llama-quant.cpp, llama_tensor_get_type and use_more_bits), measured on the built-in model in
-    docs/quantization.md: the tied embedding / LM head (the input of every token and the output distribution),
-    every v_proj (1% of the weights, a third of the int4 error), and down_proj in the first and last eighth of
-    the blocks and every third one between."""
-    if quantize == "int4" and (field in ("embed", "v_proj") or (field == "down_proj" and more_bits(layer, n_layers))):
+    Under "int4", the matrices whose 4-bit error costs the most stay int8 (measured on the built-in model in
+    docs/quantization.md): the tied embedding / LM head (the input of every token and the output
+    distribution) and down_proj in the first and last eighth of the blocks and every third one between, as
+    llama.cpp's Q4_K_M keeps them at more bits (llama-quant.cpp: llama_tensor_get_type, use_more_bits); and
+    every v_proj, where llama.cpp raises only those blocks' (1% of the weights, and a third of the error when
+    all layer matrices are int4)."""
+    if quantize == "int4" and (field in ("embed", "v_proj") or
+                               (field == "down_proj" and layer is not None and more_bits(layer, n_layers))):
         return "int8"
     return quantize or dtype or "float32"
 

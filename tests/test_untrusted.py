@@ -380,8 +380,8 @@ def test_invalid_utf8_on_stdin_is_replaced_with_a_warning(real_model):
 @pytest.mark.slow
 def test_ctrl_c_while_loading_exits_130_without_a_traceback():
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    # int4 loads slowly (every layer is requantized, ~5 s on a quiet machine): 2 s in, it is importing or
-    # loading, never generating; either way the same clean exit
+    # int4 loads slowly (most layer matrices are requantized: ~3 s on a quiet machine, after ~1 s of imports):
+    # 2 s in, it is importing or loading, never generating; either way the same clean exit
     process = subprocess.Popen([sys.executable, "-m", "minigemma", "generate", "hi", "--quantize", "int4"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, preexec_fn=default_sigint)
     time.sleep(2)

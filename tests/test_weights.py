@@ -104,10 +104,10 @@ def q4_k_bytes(rng, rows: int, width: int) -> np.ndarray:
 
 def q4_k_as_int4_bound(w: Int4) -> np.ndarray:
     """Per element, the most Int4.from_q4_k may move a Q4_K weight: each sub-block's scale and offset are
-    rounded to fp16, half an ulp, 2^-11 of each (relative to the rounded value: times 1 + 2^-10), and
-    q <= 15; plus float32 rounding in the two dequantizers."""
+    rounded to fp16, half an ulp: at most 2^-11 of the rounded value, or 2^-25 once subnormal; q <= 15; plus
+    float32 rounding in the two dequantizers."""
     d, m = np.abs(w.d.astype(np.float64)), np.abs(w.m.astype(np.float64))
-    bound = 2.0**-11 * (1 + 2.0**-10) * (15 * d + m) + 4 * EPS32 * (15 * d + m)
+    bound = (2.0**-11 + 4 * EPS32) * (15 * d + m) + 16 * 2.0**-25
     return np.repeat(bound, 32, axis=-1)
 
 
@@ -126,6 +126,28 @@ def test_q4_k_becomes_int4_without_requantizing():
     int8_error = np.abs(dequantize(Int8.from_float(exact)) - exact).max()
     assert np.abs(got - exact).max() < int8_error / 4
     np.testing.assert_array_equal(w.rows(2, 4), got[2:4])
+
+
+def test_q4_k_scales_beyond_float16():
+    """d = 2000 times a 6-bit scale of 63 is 126,000, past fp16's 65504: int4 cannot hold that sub-block. Asked
+    for int8, the tensor is requantized instead (its scales, amax/127, fit); asked for int4, it is an error."""
+    from types import SimpleNamespace
+
+    from minigemma.gguf_file import GGUFTensor
+
+    raw = q4_k_bytes(np.random.default_rng(3), 1, 256)
+    raw[0, 0:2] = np.array([2000], np.float16).view(np.uint8)  # d
+    raw[0, 4] = 63  # the 6-bit scale of sub-block 0
+    with pytest.raises(ValueError, match="65504"):
+        Int4.from_q4_k(raw, (1, 256))
+    t = GGUFTensor(SimpleNamespace(name="blk.0.ffn_down.weight", tensor_type=T.Q4_K, shape=np.array([256, 1]),
+                                   data=raw))
+    assert t.stored("int8") is None  # to_weight then requantizes it
+    w = to_weight(t, "int8")
+    exact = gguf_quants.dequantize(raw, T.Q4_K)
+    assert isinstance(w, Int8) and (np.abs(dequantize(w) - exact) <= worst_error(exact, "int8")).all()
+    with pytest.raises(ValueError, match="65504"):
+        t.stored("int4")
 
 
 def test_bfloat16_rounds_as_torch():
@@ -308,7 +330,7 @@ def test_int4_keeps_the_sensitive_matrices_at_int8(tiny_bf16_dir):
     int8 (weights.storage_for); everything else is int4. With 4 blocks, use_more_bits picks the last eighth
     (block 3) and every third from the first eighth on (block 2)."""
     m = minigemma.load(tiny_bf16_dir, quantize="int4", backend="numpy")
-    assert [i for i in range(4) if weights.more_bits(i, 4)] == [2, 3]
+    assert m.config.num_hidden_layers == 4 and [i for i in range(4) if weights.more_bits(i, 4)] == [2, 3]
     assert isinstance(m.params.embed, Int8)
     for i, layer in enumerate(m.params.layers):
         assert isinstance(layer.v_proj, Int8) and isinstance(layer.up_proj, Int4), i
