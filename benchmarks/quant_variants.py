@@ -81,6 +81,51 @@ def mixed(reference, m4, m8, fields):
     return minigemma.Gemma(reference.config, params, reference.tokenizer), nbytes
 
 
+def schemes_table(reference, ids, context):
+    """The gguf package's formats (and minigemma's int4) on every matrix: the first table."""
+    n_embed = reference.params.embed.size
+    n_layers = reference.config.num_parameters - n_embed
+    base = perplexity(reference, ids, context=context)
+    print("| scheme | bytes/weight (whole model) | mean KL | top-1 agreement | perplexity |")
+    print("|---|---|---|---|---|")
+    print(f"| float32 reference | 4 | 0 | 100% | {base.perplexity:.3f} |")
+    for name, (layer_type, embed_type) in CANDIDATES.items():
+        start = time.perf_counter()
+        r = perplexity(variant(reference, layer_type, embed_type), ids, context=context, reference=reference)
+        size = (n_layers * BYTES_PER_WEIGHT[layer_type] + n_embed * BYTES_PER_WEIGHT[embed_type]) / (n_layers + n_embed)
+        d = r.as_dict()
+        print(f"| {name} | {size:.3f} | {d['mean_kl']:.4f} | {d['top1_agreement']:.1%} | {r.perplexity:.3f} |"
+              f"  <!-- {time.perf_counter() - start:.0f} s -->", flush=True)
+
+
+def int8_fields_table(reference, ids, context):
+    """minigemma's int4 as it loads, then with more of its matrices int8 (--int8-fields)."""
+    base = perplexity(reference, ids, context=context)
+    m4 = minigemma.load(progress=False, backend="numpy", quantize="int4")
+    m8 = minigemma.load(progress=False, backend="numpy", quantize="int8")
+    print(f"| weights | bytes | mean KL | top-1 agreement | perplexity (float32: {base.perplexity:.3f}) |")
+    print("|---|---|---|---|---|")
+    for name, fields in MORE_INT8.items():
+        model, nbytes = mixed(reference, m4, m8, fields)
+        d = perplexity(model, ids, context=context, reference=reference).as_dict()
+        print(f"| {name} | {nbytes / 1e6:.0f} MB | {d['mean_kl']:.4f} | {d['top1_agreement']:.2%} | "
+              f"{d['perplexity']:.3f} |", flush=True)
+    print(f"| int8 | {m8.nbytes / 1e6:.0f} MB | | | |")
+
+
+def one_at_a_time_table(reference, ids, context):
+    """Each kind of layer matrix alone at int4, the rest float32 (--one-at-a-time)."""
+    print("| only this kind at int4 | mean KL | top-1 agreement |")
+    print("|---|---|---|")
+    for field in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        layers = [dataclasses.replace(layer, **{field: requantized(getattr(layer, field), "int4")})
+                  for layer in reference.params.layers]
+        model = minigemma.Gemma(reference.config, dataclasses.replace(reference.params, layers=layers),
+                                reference.tokenizer)
+        d = perplexity(model, ids, context=context, reference=reference).as_dict()
+        print(f"| {field} | {d['mean_kl']:.4f} | {d['top1_agreement']:.2%} |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=2048)
@@ -91,43 +136,10 @@ def main():
 
     reference = minigemma.load(progress=False, backend="numpy")  # float32 products: BLAS either way
     ids = reference.tokenizer.encode(reference_text(), add_bos=False)[:args.tokens]
-    n_embed = reference.params.embed.size
-    n_layers = reference.config.num_parameters - n_embed
     print(f"{len(ids)} tokens of pydoc_data.topics, context {args.context}, stride {args.context // 2}\n")
-    if args.one_at_a_time:
-        print("| only this kind at int4 | mean KL | top-1 agreement |")
-        print("|---|---|---|")
-        for field in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
-            layers = [dataclasses.replace(layer, **{field: requantized(getattr(layer, field), "int4")})
-                      for layer in reference.params.layers]
-            model = minigemma.Gemma(reference.config, dataclasses.replace(reference.params, layers=layers),
-                                    reference.tokenizer)
-            d = perplexity(model, ids, context=args.context, reference=reference).as_dict()
-            print(f"| {field} | {d['mean_kl']:.4f} | {d['top1_agreement']:.2%} |", flush=True)
-        return
-    base = perplexity(reference, ids, context=args.context)
-    if args.int8_fields:
-        m4 = minigemma.load(progress=False, backend="numpy", quantize="int4")
-        m8 = minigemma.load(progress=False, backend="numpy", quantize="int8")
-        print(f"| weights | bytes | mean KL | top-1 agreement | perplexity (float32: {base.perplexity:.3f}) |")
-        print("|---|---|---|---|---|")
-        for name, fields in MORE_INT8.items():
-            model, nbytes = mixed(reference, m4, m8, fields)
-            d = perplexity(model, ids, context=args.context, reference=reference).as_dict()
-            print(f"| {name} | {nbytes / 1e6:.0f} MB | {d['mean_kl']:.4f} | {d['top1_agreement']:.2%} | "
-                  f"{d['perplexity']:.3f} |", flush=True)
-        print(f"| int8 | {m8.nbytes / 1e6:.0f} MB | | | |")
-        return
-    print("| scheme | bytes/weight (whole model) | mean KL | top-1 agreement | perplexity |")
-    print("|---|---|---|---|---|")
-    print(f"| float32 reference | 4 | 0 | 100% | {base.perplexity:.3f} |")
-    for name, (layer_type, embed_type) in CANDIDATES.items():
-        start = time.perf_counter()
-        r = perplexity(variant(reference, layer_type, embed_type), ids, context=args.context, reference=reference)
-        size = (n_layers * BYTES_PER_WEIGHT[layer_type] + n_embed * BYTES_PER_WEIGHT[embed_type]) / (n_layers + n_embed)
-        d = r.as_dict()
-        print(f"| {name} | {size:.3f} | {d['mean_kl']:.4f} | {d['top1_agreement']:.1%} | {r.perplexity:.3f} |"
-              f"  <!-- {time.perf_counter() - start:.0f} s -->", flush=True)
+    table = (one_at_a_time_table if args.one_at_a_time else int8_fields_table if args.int8_fields
+             else schemes_table)
+    table(reference, ids, args.context)
 
 
 if __name__ == "__main__":
