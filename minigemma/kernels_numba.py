@@ -323,11 +323,12 @@ def flash_attention(q, k, v, q_pos, k_pos, window, scale, cap, out):
                 tile_max = f32(-np.inf)
                 for j in range(n):
                     s = s0 + j
+                    # layers.attention_mask's rule, restated for the compiled loop (tests hold the two equal)
                     if k_pos[s] > q_pos[t] or (window > 0 and k_pos[s] <= q_pos[t] - window):
                         p[j] = -np.inf  # masked: the future, or outside the window
                         continue
                     score = p[j] * f32(scale)
-                    if cap > 0:
+                    if cap > 0:  # layers.softcap, restated
                         score = f32(cap) * f32(math.tanh(score / f32(cap)))
                     p[j] = score
                     tile_max = max(tile_max, score)
@@ -489,12 +490,8 @@ def attention_tiles(q, k, v, q_positions, k_positions, window, scale, cap, tile:
         for s0 in range(s_start, s_end, tile):
             s1 = min(s_end, s0 + tile)
             scores = (q_tile @ k[:, s0:s1].transpose(0, 2, 1)).reshape(K, G, n_q, s1 - s0)  # sgemm per kv head
-            scores *= f32(scale)
-            if cap:
-                scores = f32(cap) * np.tanh(scores / f32(cap))
-            visible = k_pos[None, s0:s1] <= q_pos[t0:t1, None]  # (n_q, n_k): causal ...
-            if window:
-                visible &= k_pos[None, s0:s1] > q_pos[t0:t1, None] - window  # ... and inside the window
+            scores = reference.softcap(scores * f32(scale), cap or None)
+            visible = reference.attention_mask(q_pos[t0:t1], k_pos[s0:s1], window or None)  # (n_q, n_k)
             scores = np.where(visible, scores, f32(-np.inf))
             new_max = np.maximum(run_max, scores.max(axis=-1, keepdims=True))  # > -inf: each query sees itself
             seen = np.isfinite(new_max)  # False only for queries with no visible key yet (none in this tile)
