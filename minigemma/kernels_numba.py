@@ -179,7 +179,7 @@ def f32_matvec(x, w, out):
 
     BLAS's sgemv does the same as fast on an idle machine; this one exists so that decoding runs on Numba's
     threads only (kernels_numba.choose_threads), not also on OpenBLAS's, whose waiting threads cost a
-    scheduler time slice per call when the machine is busy (measured: 20 ms for a 2048 x 640 product).
+    scheduler time slice per call when the machine is busy (docs/kernels.md, "Threads").
 
     Shapes: x (T, in), w (out, in) float32, out (T, out)
     """
@@ -393,7 +393,7 @@ def _tiled_matmul(x: np.ndarray, w, out: np.ndarray) -> None:
     """out = x @ w.T for a packed matrix, in equal tiles of about BLOCK_BYTES of float32 weights.
 
     The tiles are written into one scratch buffer per thread, reused from call to call: a fresh 4 MB array
-    per product costs a thousand page faults each time (measured: ~15% of a 500-token prefill).
+    per product costs a thousand page faults each time (docs/performance.md).
 
     Shapes: x (T, in), out (T, B*64)"""
     in_features = w.shape[1]
@@ -563,8 +563,8 @@ def choose_threads() -> None:
 
     Each parallel loop ends at a barrier where every thread waits for the slowest. When other processes hold
     the cores, a thread that lost its core holds everyone up for a scheduler time slice, at every one of the
-    ~130 parallel loops of a decode step: measured on this 2-core machine under a load of ~13, int8 decode
-    ran at 1.7 tok/s with 2 threads and 17 tok/s with 1 (llama.cpp's own 2-thread loop suffers the same).
+    ~130 parallel loops of a decode step: a tenfold slowdown on a busy 2-core machine (docs/kernels.md,
+    "Threads"; llama.cpp's own 2-thread loop suffers the same).
     "Busy" is a one-minute load average of at least one runnable process more than there are cores."""
     if "NUMBA_NUM_THREADS" in os.environ or not hasattr(os, "getloadavg"):
         return

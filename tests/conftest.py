@@ -37,7 +37,7 @@ def hf_classes(model_type: str):
 def randomize_(model, seed: int, std: float = 0.2):
     """Random weights, far from the zero-initialised norms and tiny init of a fresh model, so logits are far
     from uniform and every norm weight matters. std 0.2 keeps float32 rounding near its floor
-    (checked against a float64 run in test_models.py)."""
+    (checked against a float64 run in test_model.py)."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
