@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .config import GemmaConfig
 from .errors import ModelFileError
-from .params import Params, build_params
+from .params import GGUF_IGNORED, Params, build_params
 from .quants import SUPPORTED_TYPES, dequantize, symmetric_levels
 from .packed import release_pages
 from .weights import Float16Bits, Int4, Int8, StoredTensor
@@ -331,17 +331,15 @@ class GGUFTensor(StoredTensor):
     """One tensor of a GGUF file, read on demand (weights.StoredTensor).
 
     Its bytes are a view of the memory-mapped file, one row of blocks per matrix row, so a block of rows is
-    a slice. Every "*norm.weight" holds 1 + w (llama.cpp's converter): read() subtracts the 1 again."""
+    a slice. Norm gains are read as stored, the full multiplier (1 + w); params.build_params takes the 1 off.
+    A stacked (E, out, in) tensor of experts is read one expert at a time: rows(e, e + 1)."""
 
     def __init__(self, t):
         self.t, self.type = t, SUPPORTED_TYPES.get(int(t.tensor_type), str(int(t.tensor_type)))
         self.shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF dims are fastest-first
 
     def read(self) -> np.ndarray:
-        array = dequantize(self.t.data, self.t.tensor_type, self.shape)
-        if self.t.name.endswith("norm.weight"):
-            array = array - np.float32(1.0)  # the converter stored 1 + w; rms_norm adds the 1 itself
-        return array
+        return dequantize(self.t.data, self.t.tensor_type, self.shape)
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         view = self.t.data[start:stop]
@@ -390,6 +388,6 @@ def load_gguf_params(reader, config: GemmaConfig, path: Path, progress: bool = T
     try:
         # an "output.weight" would be an untied head: Gemma ties it and llama.cpp's converter skips it
         return build_params(config, {t.name: GGUFTensor(t) for t in reader.tensors}, "gguf", str(path),
-                            quantize=quantize, dtype=dtype, prepare=prepare, done=bar.update)
+                            ignore=GGUF_IGNORED, quantize=quantize, dtype=dtype, prepare=prepare, done=bar.update)
     finally:
         bar.close()
