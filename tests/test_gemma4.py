@@ -262,3 +262,41 @@ def test_router_matches_transformers():
     np.testing.assert_array_equal(np.take_along_axis(ours_i, order, -1), np.take_along_axis(index.numpy(), theirs, -1))
     np.testing.assert_allclose(np.take_along_axis(ours_w, order, -1),
                                np.take_along_axis(weights.numpy(), theirs, -1), rtol=1e-5, atol=1e-7)
+
+
+# ---- GGUF --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+def test_gguf_file_gives_the_safetensors_logits(case, qtype, tmp_path):
+    """A gemma4 GGUF written as llama.cpp's Gemma4Model writes it (tests/gguf_convert.py) loads to the same
+    config and logits as the safetensors directory; a Q8_0 file gives the logits of the directory holding the
+    weights gguf's own dequantizer reads back from it."""
+    from gguf import GGMLQuantizationType as Q
+    from safetensors.numpy import save_file
+
+    from gguf_convert import convert, dequantized, gguf_names
+
+    name, model, ids, directory = case
+    if model.config.model_type != "gemma4_text":
+        pytest.skip("llama.cpp has no VaultGemma architecture")
+    path = convert(model, tmp_path / "model.gguf", getattr(Q, qtype))
+    loaded = minigemma.load(path)
+    reference = minigemma.load(directory)
+    assert described(loaded.config) == described(reference.config)
+    if qtype == "Q8_0":  # the safetensors path on gguf's dequantized weights
+        weights = dequantized(path, gguf_names(model))
+        (tmp_path / "dq").mkdir()
+        save_file(weights, tmp_path / "dq" / "model.safetensors")
+        (tmp_path / "dq" / "config.json").write_text((directory / "config.json").read_text())
+        reference = minigemma.load(tmp_path / "dq")
+    assert rel_err(loaded.forward(ids), reference.forward(ids)) < 1e-6
+
+
+def described(c: GemmaConfig) -> dict:
+    """What a config means, layer by layer (two files may spell the same model differently: a per_layer_config
+    entry equal to the global value, an eps rounded to float32)."""
+    fields = {f.name: getattr(c, f.name) for f in dataclasses.fields(c)
+              if f.name not in ("extra", "per_layer_config", "rms_norm_eps")}
+    per_layer = [(c.layer_head_dim(i), c.layer_kv_heads(i), c.has_v_proj(i), c.kv_source(i),
+                  c.layer_intermediate_size(i), c.layer_window(i)) for i in range(c.num_hidden_layers)]
+    return {**fields, "per_layer": per_layer, "eps": np.float32(c.rms_norm_eps)}
