@@ -300,3 +300,69 @@ def described(c: GemmaConfig) -> dict:
     per_layer = [(c.layer_head_dim(i), c.layer_kv_heads(i), c.has_v_proj(i), c.kv_source(i),
                   c.layer_intermediate_size(i), c.layer_window(i)) for i in range(c.num_hidden_layers)]
     return {**fields, "per_layer": per_layer, "eps": np.float32(c.rms_norm_eps)}
+
+
+# ---- compare: where an injected bug in a new part starts ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def everything(tmp_path_factory):
+    """One tiny Gemma 4 with every new part at once: K=V global layers with their own head dim, proportional
+    RoPE, per-layer embeddings, KV sharing with a double-wide MLP, MoE. (minigemma model, transformers, ids)"""
+    hf = make_hf_model("gemma4_text", seed=11, head_dim=16, num_hidden_layers=5, layer_types=[S, F, S, S, F],
+                       sliding_window=5, global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True,
+                       hidden_size_per_layer_input=32, vocab_size_per_layer_input=160, num_kv_shared_layers=2,
+                       use_double_wide_mlp=True, enable_moe_block=True, num_experts=4, top_k_experts=2,
+                       moe_intermediate_size=32, rope_parameters=P4)
+    directory = save(copy.deepcopy(hf), tmp_path_factory.mktemp("everything"))
+    return minigemma.load(directory), hf, np.random.default_rng(2).integers(0, 160, 12)
+
+
+def test_compare_a_correct_gemma4_is_within_noise(everything):
+    from minigemma.compare import compare
+
+    ours, hf, ids = everything
+    report = compare(ours, hf, ids)
+    assert report.first_departure is None, report.format()
+    steps = {(d.layer is None, d.step) for d in report.differences}
+    assert {(True, "per_layer_inputs"), (False, "router"), (False, "moe_out"), (False, "per_layer_out")} <= steps
+    assert "per_layer_inputs" in report.format()
+
+
+def _no_renormalising(x, scale, proj, expert_scale, top_k, eps, linear, rms_norm):
+    """The router without dividing the top-k probabilities by their sum."""
+    from minigemma.layers import softmax
+
+    D = x.shape[-1]
+    probs = softmax(linear(rms_norm(x, np.zeros(D, np.float32), eps) * scale * np.float32(D**-0.5), proj))
+    chosen = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]
+    return np.take_along_axis(probs, chosen, -1) * expert_scale[chosen], chosen
+
+
+BUGS = {  # name -> (what to patch in minigemma.model, the replacement, where compare must say it starts)
+    "no value norm": ("GemmaConfig.value_norm", False, (0, "v")),
+    "proportional RoPE rotating every pair": (
+        "proportional_rope_angles", lambda pos, dh, theta, factor, part: minigemma.layers.rope_angles(
+            pos, dh, theta, factor), (1, "q")),
+    "per-layer inputs without the 1/sqrt(2)": (
+        "per_layer_inputs", lambda *a, **k: minigemma.layers.per_layer_inputs(*a, **k) * np.float32(2**0.5),
+        (None, "per_layer_inputs")),
+    "per-layer branch with exact GELU": (
+        "per_layer_branch", lambda x, inp, gate, proj, norm, eps, linear, rms_norm: rms_norm(linear(
+            torch.nn.functional.gelu(torch.from_numpy(linear(x, gate))).numpy() * inp, proj), norm, eps),
+        (0, "per_layer_out")),
+    "router without renormalising": ("route", _no_renormalising, (0, "router")),
+}
+
+
+@pytest.mark.parametrize("bug", list(BUGS))
+def test_compare_names_where_a_bug_in_a_new_part_starts(everything, bug, monkeypatch):
+    from minigemma.compare import compare
+
+    ours, hf, ids = everything
+    target, replacement, where = BUGS[bug]
+    if target.startswith("GemmaConfig."):
+        monkeypatch.setattr(GemmaConfig, target.split(".")[1], property(lambda self: replacement))
+    else:
+        monkeypatch.setattr(minigemma.model, target, replacement)
+    first = compare(ours, hf, ids).first_departure
+    assert first is not None and (first.layer, first.step) == where, first
