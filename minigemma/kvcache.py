@@ -150,3 +150,18 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(c.nbytes() for c in {id(c): c for c in self.layers}.values())  # a shared cache counts once
+
+
+def kv_cache_bytes(config, length: int) -> int:
+    """Bytes of float32 keys and values a cache holds after `length` positions (not counting the doubling's
+    spare room): per layer with a cache of its own 2 * K * Dh * 4 bytes per position held, all `length` on a
+    global layer, at most W - 1 on a sliding one; nothing for Gemma 4's KV-shared layers. The cache arithmetic
+    of docs/gemma-versions.md, and `kv_cache_bytes` in --stats."""
+    total = 0
+    for i in range(config.num_hidden_layers):
+        if config.kv_source(i) != i:
+            continue  # shares its source layer's cache
+        window = config.layer_window(i)
+        held = length if window is None else min(length, window - 1)
+        total += 2 * config.layer_kv_heads(i) * config.layer_head_dim(i) * 4 * held
+    return total

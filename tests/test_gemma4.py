@@ -366,3 +366,19 @@ def test_compare_names_where_a_bug_in_a_new_part_starts(everything, bug, monkeyp
         monkeypatch.setattr(minigemma.model, target, replacement)
     first = compare(ours, hf, ids).first_departure
     assert first is not None and (first.layer, first.step) == where, first
+
+
+def test_kv_cache_bytes_is_what_the_cache_holds(case):
+    """kvcache.kv_cache_bytes (the --stats figure) equals the bytes of the keys and values a cache holds:
+    per-layer shapes, sliding layers W - 1 positions, shared layers nothing."""
+    from minigemma.kvcache import kv_cache_bytes
+
+    name, model, ids, directory = case
+    ours = minigemma.load(directory)
+    cache = ours.new_cache()
+    ours.step(ids, cache)
+    held = {id(layer): layer for layer in cache.layers}.values()
+    assert kv_cache_bytes(ours.config, len(ids)) == sum(layer.k.nbytes + layer.v.nbytes for layer in held)
+    if ours.config.num_kv_shared_layers:  # the same model without sharing would hold more
+        unshared = dataclasses.replace(ours.config, num_kv_shared_layers=0)
+        assert kv_cache_bytes(unshared, len(ids)) > kv_cache_bytes(ours.config, len(ids))
