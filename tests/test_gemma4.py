@@ -235,8 +235,9 @@ def test_proportional_rope_matches_transformers():
     cos, sin = proportional_rope_angles(positions, 64, 100_000.0, 2.0, 0.25)
     angles = torch.as_tensor(positions)[:, None].float() * inv_freq[None]
     emb = torch.cat([angles, angles], -1)
-    np.testing.assert_allclose(cos, emb.cos().numpy(), atol=1e-6)
-    np.testing.assert_allclose(sin, emb.sin().numpy(), atol=1e-6)
+    # an inv_freq may differ in its last float32 bit (torch's pow and NumPy's): ~1e-6 radians at position 60
+    np.testing.assert_allclose(cos, emb.cos().numpy(), atol=1e-5)
+    np.testing.assert_allclose(sin, emb.sin().numpy(), atol=1e-5)
     assert (cos[:, 8:32] == 1).all() and (sin[:, 8:32] == 0).all()  # 8 of 32 pairs rotate
 
 
