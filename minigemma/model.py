@@ -50,7 +50,7 @@ def self_attention(x, p: LayerParams, c: GemmaConfig, ops: kernels.Backend, laye
     else:
         k = ops.linear(x, p.k_proj).reshape(T, K, Dh).transpose(1, 0, 2)  # (T, K*Dh) -> (K, T, Dh)
         # attention_k_eq_v (Gemma 4 global layers): V is the raw K projection, before k_norm and RoPE
-        v = k if p.v_proj is None else ops.linear(x, p.v_proj).reshape(T, K, Dh).transpose(1, 0, 2)
+        v = ops.linear(x, p.v_proj).reshape(T, K, Dh).transpose(1, 0, 2) if c.has_v_proj(layer) else k
         if c.qk_norm:
             k = ops.rms_norm(k, p.k_norm, eps)
         if c.value_norm:  # Gemma 4: RMSNorm without a gain on each value head (the zero-centred gain 0)

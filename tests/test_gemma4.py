@@ -95,8 +95,10 @@ def dequantized_hf_model(hf_model, ours: minigemma.Gemma):
     return model
 
 
-@pytest.mark.parametrize("backend", ["numpy", "numba"])
-@pytest.mark.parametrize("storage", ["float32", "bfloat16", "int8", "int4"])
+# Numba: float32, and int4 storage, which also holds int8 matrices (embedding, v_proj, some down_proj: storage_for),
+# so both packed kernels run; the 16-bit kernels are the Gemma 1-3 ones, on the same shapes
+@pytest.mark.parametrize("storage, backend", [("float32", "numpy"), ("bfloat16", "numpy"), ("int8", "numpy"),
+                                              ("int4", "numpy"), ("float32", "numba"), ("int4", "numba")])
 def test_logits_match_transformers(case, storage, backend):
     """float32 and bfloat16 files against transformers reading the same file; int8/int4 storage against
     transformers running minigemma's quantized weights dequantized. Relative error < 1e-5, same top-1."""
@@ -383,3 +385,21 @@ def test_kv_cache_bytes_is_what_the_cache_holds(case):
     if ours.config.num_kv_shared_layers:  # the same model without sharing would hold more
         unshared = dataclasses.replace(ours.config, num_kv_shared_layers=0)
         assert kv_cache_bytes(unshared, len(ids)) > kv_cache_bytes(ours.config, len(ids))
+
+
+def test_multimodal_checkpoint_loads_its_language_model(case, tmp_path):
+    """A Gemma4ForConditionalGeneration checkpoint (config.json with text_config, tensors under
+    model.language_model.) is the same text model. Built without its vision and audio towers, which minigemma
+    would skip (hf.text_model_name)."""
+    import transformers
+
+    name, model, ids, directory = case
+    if model.config.model_type != "gemma4_text":
+        pytest.skip("VaultGemma has no multimodal form")
+    mm = transformers.Gemma4ForConditionalGeneration(transformers.Gemma4Config(
+        text_config=model.config.to_dict(), vision_config=None, audio_config=None))
+    mm.model.language_model.load_state_dict(model.model.state_dict())
+    save(mm.eval(), tmp_path / "mm")
+    assert json.loads((tmp_path / "mm" / "config.json").read_text())["model_type"] == "gemma4"
+    logits = minigemma.load(tmp_path / "mm").forward(ids)
+    assert rel_err(logits, oracle((name, "float32"), lambda: hf_logits(model, ids))) < 1e-5
