@@ -403,3 +403,37 @@ def test_multimodal_checkpoint_loads_its_language_model(case, tmp_path):
     assert json.loads((tmp_path / "mm" / "config.json").read_text())["model_type"] == "gemma4"
     logits = minigemma.load(tmp_path / "mm").forward(ids)
     assert rel_err(logits, oracle((name, "float32"), lambda: hf_logits(model, ids))) < 1e-5
+
+
+def test_compare_command_on_a_gemma4_checkpoint(tmp_path):
+    """`python -m minigemma compare` on a Gemma 4 directory (with a SentencePiece tokenizer.model, built here
+    from a small Gemma-shaped vocabulary): exit code 0, every step within noise, the new steps in the table."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from gguf_convert import vocabulary
+    from minigemma.tokenizer import model_proto_from_gguf
+
+    V = 288  # a loadable SentencePiece vocabulary needs the 256 byte pieces
+    hf = make_hf_model("gemma4_text", seed=5, vocab_size=V, head_dim=16, num_hidden_layers=3, layer_types=[S, F, F],
+                       sliding_window=5, global_head_dim=32, hidden_size_per_layer_input=32,
+                       vocab_size_per_layer_input=V, num_kv_shared_layers=1, enable_moe_block=True, num_experts=4,
+                       top_k_experts=2, moe_intermediate_size=32, rope_parameters=P4)
+    directory = save(hf, tmp_path / "tiny")
+    pieces, scores, types = vocabulary(V)
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": pieces, "tokenizer.ggml.scores": scores,
+            "tokenizer.ggml.token_type": types, "tokenizer.ggml.unknown_token_id": 3,
+            "tokenizer.ggml.bos_token_id": 2, "tokenizer.ggml.eos_token_id": 1}
+    fields = {k: SimpleNamespace(contents=lambda v=v: v) for k, v in meta.items()}
+    (directory / "tokenizer.model").write_bytes(model_proto_from_gguf(SimpleNamespace(fields=fields))
+                                                .SerializeToString())
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "minigemma", "compare", "--model", str(directory), "--prompt",
+                           "ab cd ef gh"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "every step is within float32 noise" in done.stdout
+    assert all(step in done.stdout for step in ("router", "moe_out", "per_layer_out", "per_layer_inputs"))
