@@ -17,7 +17,7 @@ and feed_forward_length (when KV-shared layers have a double-wide MLP); a bool p
 pattern; key_length for the global head dim and key_length_swa for the sliding one; the router's scale and
 per-expert scale under names of their own; and a `rope_freqs` tensor of frequency factors (1.0 for the pairs
 the proportional RoPE rotates, 1e30 for the rest). Its vocabulary is a BPE one (tokenizer.ggml.model "gemma4",
-which minigemma does not read), so no vocabulary is written for it here.
+which minigemma does not read): written here as pieces, scores and types only, without the merges.
 What llama.cpp hard-codes instead of storing (layer pattern, Gemma 3's local RoPE base 10000,
 query_pre_attn_scalar = head_dim, or D/H on the 27B models) can't be written, so `convert` refuses a model that
 differs there: such a GGUF would silently describe another model.
@@ -142,7 +142,16 @@ def convert(model, path: Path, qtype: Q = Q.F32, *, arch: str | None = None, tok
 
     if c.model_type == "gemma4_text":
         gemma4_metadata(writer, model)
-        tokenizer = False  # a BPE vocabulary (module docstring)
+        if tokenizer:  # Gemma4Model.set_vocab: a BPE vocabulary (the merges are left out here)
+            pieces, scores, types = vocab or ([f"t{i}" for i in range(c.vocab_size)], [0.0] * c.vocab_size,
+                                              [int(gguf.TokenType.NORMAL)] * c.vocab_size)
+            writer.add_tokenizer_model("gemma4")
+            writer.add_token_list(pieces)
+            writer.add_token_scores(scores)
+            writer.add_token_types(types)
+            writer.add_add_space_prefix(False)
+            writer.add_add_bos_token(True)
+        tokenizer = False
 
     if tokenizer:  # llama.cpp: _set_vocab_sentencepiece() + add_add_space_prefix(False)
         pieces, scores, types = vocab or vocabulary(c.vocab_size)

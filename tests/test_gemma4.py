@@ -286,6 +286,8 @@ def test_gguf_file_gives_the_safetensors_logits(case, qtype, tmp_path):
     loaded = minigemma.load(path)
     reference = minigemma.load(directory)
     assert described(loaded.config) == described(reference.config)
+    with pytest.raises(minigemma.errors.ModelFileError, match="has no tokenizer"):  # its BPE vocabulary: not read
+        loaded.tokenizer
     if qtype == "Q8_0":  # the safetensors path on gguf's dequantized weights
         weights = dequantized(path, gguf_names(model))
         (tmp_path / "dq").mkdir()
