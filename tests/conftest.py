@@ -46,7 +46,7 @@ def randomize_(model, seed: int, std: float = 0.2):
     import torch
 
     gen = torch.Generator().manual_seed(seed)
-    around_one = getattr(model.config, "model_type", "") == "gemma4_text"
+    around_one = getattr(getattr(model, "config", None), "model_type", "") == "gemma4_text"
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
             p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if p.dim() == 1 else std)

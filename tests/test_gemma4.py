@@ -1,8 +1,13 @@
 """Gemma 4 text models and VaultGemma: tiny random checkpoints written by transformers, loaded by minigemma, logit
 for logit against transformers, on both backends and in every storage type.
 
-Each case covers a set of Gemma 4's new parts (config.py's docstring lists them); tests/test_gguf_models.py-style
-GGUF round trips of the same checkpoints are at the end.
+Each case covers a set of Gemma 4's new parts (config.py's docstring lists them). Then: the config styles, the
+KV cache's per-layer shapes, the new layer functions one at a time against transformers' modules, GGUF files
+written as llama.cpp's converter writes them (tests/gguf_convert.py), and `compare` naming the layer and step of
+a bug injected into each new part.
+
+Oracles: transformers' float32 forward pass on the same file (float32, bfloat16), or on minigemma's int8/int4
+weights dequantized; minigemma's own safetensors path for GGUF files; transformers' generate() for greedy text.
 """
 
 from __future__ import annotations
