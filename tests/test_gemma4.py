@@ -444,3 +444,31 @@ def test_compare_command_on_a_gemma4_checkpoint(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "every step is within float32 noise" in done.stdout
     assert all(step in done.stdout for step in ("router", "moe_out", "per_layer_out", "per_layer_inputs"))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"per_layer_config": {"1": {"intermediate_size": 8}}}, "field 'intermediate_size' is not supported"),
+    ({"per_layer_config": {"9": {"head_dim": 8}}}, "not a layer index in \\[0, 4\\)"),
+    ({"num_kv_shared_layers": 3, "layer_types": [S, F, S, F]}, "needs an unshared layer of the same type"),
+    ({"enable_moe_block": True, "num_experts": 4}, "enable_moe_block needs"),
+    ({"use_bidirectional_attention": "all"}, "use_bidirectional_attention='all'"),
+    ({"rope_parameters": {F: {"rope_type": "yarn", "rope_theta": 1.0}, S: {"rope_theta": 1.0}}}, "'yarn'"),
+])
+def test_config_mistakes_are_named(change, message):
+    """A Gemma 4 config minigemma cannot run faithfully is refused with the field named."""
+    d = {"model_type": "gemma4_text", "num_hidden_layers": 4, "layer_types": [S, S, S, F], **change}
+    with pytest.raises(ValueError, match=message):
+        GemmaConfig.from_hf_dict(d)
+
+
+def test_published_style_gemma4_defaults_are_transformers():
+    """A bare Gemma 4 config gets transformers' Gemma4TextConfig defaults, per layer."""
+    import transformers
+
+    ours = GemmaConfig.from_hf_dict({"model_type": "gemma4_text"})
+    theirs = transformers.Gemma4TextConfig()
+    assert ours.layer_types == tuple(theirs.layer_types) and ours.num_hidden_layers == theirs.num_hidden_layers
+    for i in range(ours.num_hidden_layers):
+        assert ours.layer_head_dim(i) == theirs.per_layer_config[i].head_dim
+        assert ours.layer_kv_heads(i) == theirs.per_layer_config[i].num_key_value_heads
+    assert ours.rope[F].partial_rotary_factor == 0.25 and ours.hidden_size_per_layer_input == 256
