@@ -390,7 +390,13 @@ def _gemma4_metadata(reader, path: Path, n: int, H: int, D: int, V: int) -> dict
 
     rope_full = {"rope_type": "proportional", "rope_theta": float(meta("rope.freq_base"))}
     if "rope_freqs.weight" in tensors:
-        factors = GGUFTensor(tensors["rope_freqs.weight"]).read()
+        try:
+            factors = GGUFTensor(tensors["rope_freqs.weight"]).read()
+        except ValueError as e:
+            raise ModelFileError(f"{path}: tensor rope_freqs.weight: {e}") from None
+        if factors.shape != (head_dim_full // 2,):
+            raise ModelFileError(f"{path}: tensor rope_freqs.weight has shape {factors.shape}, expected "
+                                 f"({head_dim_full // 2},): one frequency factor per pair of a global head")
         rope_full["partial_rotary_factor"] = 2 * int(np.sum(factors == 1.0)) / head_dim_full
     hf = {
         "model_type": "gemma4_text", "vocab_size": V, "hidden_size": D, "num_hidden_layers": n,
