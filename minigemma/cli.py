@@ -197,6 +197,7 @@ def compare_command(args) -> int:
 
 def generate_command(args) -> int:
     from .generate import Stats, chat_prompt, generate
+    from .kvcache import kv_cache_bytes
     from .loading import load
 
     if args.system is not None and not args.chat:
@@ -231,6 +232,8 @@ def generate_command(args) -> int:
                   "time_to_first_token_s": None if first_token_s is None else round(first_token_s, 3),
                   "weight_bytes": model.nbytes, "quantize": options["quantize"],
                   "dtype": options["dtype"] or "float32", "backend": model.backend.name,
+                  # keys and values held at the end (Gemma 4: per-layer shapes, shared layers hold none)
+                  "kv_cache_bytes": kv_cache_bytes(model.config, stats.prompt_tokens + stats.generated_tokens),
                   "peak_rss_mb": round(peak_mb, 1)}
         print(json.dumps(report), file=sys.stderr)
     return 0

@@ -218,3 +218,97 @@ def mlp(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray, linea
     Shapes: (T, D), gate/up (F, D), down (D, F) -> (T, D)
     """
     return linear(gelu_tanh(linear(x, gate)) * linear(x, up), down)  # (T, F) -> (T, D)
+
+
+# ---- Gemma 4 -----------------------------------------------------------------------------------------------------
+# What Gemma 4's text decoder adds, one function per part (transformers models/gemma4/modeling_gemma4.py).
+# Extra shape letters: L layers, P hidden_size_per_layer_input, E experts, k top_k_experts, I moe_intermediate_size.
+# model.py calls each only where its config field says so.
+
+def proportional_rope_angles(positions: np.ndarray, head_dim: int, theta: float, factor: float,
+                             partial_rotary_factor: float):
+    """cos and sin for Gemma 4's "proportional" RoPE (global layers): only the first
+    int(partial_rotary_factor * Dh / 2) pairs rotate, with inv_freq_i = theta^(-2i/Dh) of the *full* head dim;
+    the other pairs get frequency 0, so cos = 1 and sin = 0 there and they pass through unrotated.
+
+    Why: the global layers have a big head (512) and see the whole context; rotating only a quarter of the
+    pairs keeps most dimensions free of position, for content (transformers _compute_proportional_rope_parameters;
+    llama.cpp gets the same with frequency factors of 1e30 on the unrotated pairs, its rope_freqs tensor).
+
+    Shapes: (T,) -> cos (T, Dh), sin (T, Dh)
+    """
+    pairs = int(partial_rotary_factor * head_dim // 2)  # as transformers rounds it
+    inv_freq = np.zeros(head_dim // 2, f32)
+    inv_freq[:pairs] = f32(1.0) / (f32(theta) ** (np.arange(0, 2 * pairs, 2, dtype=f32) / f32(head_dim)))
+    inv_freq = inv_freq / f32(factor)
+    angles = positions.astype(f32)[:, None] * inv_freq[None, :]  # (T, Dh/2), zeros past the rotated pairs
+    angles = np.concatenate([angles, angles], axis=-1)  # (T, Dh/2) -> (T, Dh): split-half pairing as apply_rope
+    return np.cos(angles), np.sin(angles)
+
+
+def per_layer_inputs(token_rows: np.ndarray, x: np.ndarray, model_proj, norm: np.ndarray, eps: float,
+                     num_layers: int, linear=linear, rms_norm=rms_norm) -> np.ndarray:
+    """Gemma 4's per-layer embeddings (the E-series): a small input for every layer, from the token and from
+    its embedding.
+
+    `token_rows` are the token's rows of the packed per-layer table, already times sqrt(P) (embed). The
+    embedding x (already times sqrt(D)) is projected to all L*P at once and scaled by 1/sqrt(D), each layer's
+    P-slice RMS-normalised; the two parts are summed and scaled by 1/sqrt(2) (transformers
+    Gemma4TextModel.get_per_layer_inputs, project_per_layer_inputs).
+
+    Shapes: token_rows (T, L*P), x (T, D), model_proj (L*P, D), norm (P,) -> (T, L, P)
+    """
+    T, D = x.shape
+    from_x = linear(x, model_proj) * f32(D**-0.5)  # (T, D) -> (T, L*P)
+    from_x = rms_norm(from_x.reshape(T, num_layers, -1), norm, eps)  # (T, L*P) -> (T, L, P), normed per layer
+    return (from_x + token_rows.reshape(T, num_layers, -1)) * f32(2.0**-0.5)
+
+
+def per_layer_branch(x: np.ndarray, layer_input: np.ndarray, gate, proj, norm: np.ndarray, eps: float,
+                     linear=linear, rms_norm=rms_norm) -> np.ndarray:
+    """The third residual branch of a Gemma 4 E-series block: the stream gated down to P, times this layer's
+    per-layer input, projected back to D and normalised (transformers Gemma4TextDecoderLayer.forward):
+        norm(proj(gelu_tanh(gate(x)) * layer_input))
+
+    Shapes: x (T, D), layer_input (T, P), gate (P, D), proj (D, P), norm (D,) -> (T, D)
+    """
+    h = gelu_tanh(linear(x, gate)) * layer_input  # (T, D) -> (T, P)
+    return rms_norm(linear(h, proj), norm, eps)  # (T, P) -> (T, D)
+
+
+def route(x: np.ndarray, scale: np.ndarray, proj, expert_scale: np.ndarray, top_k: int, eps: float,
+          linear=linear, rms_norm=rms_norm):
+    """Gemma 4's MoE router: which top_k experts each token goes to, and with what weight.
+
+    The input is RMS-normalised without a gain, scaled per dimension and by 1/sqrt(D), projected to one score
+    per expert; a softmax over all experts (float32), the top_k kept and renormalised to sum to 1, then each
+    multiplied by its expert's learned scale (transformers Gemma4TextRouter).
+
+    Shapes: x (T, D), scale (D,), proj (E, D), expert_scale (E,) -> weights (T, k), experts (T, k) int
+    """
+    D = x.shape[-1]
+    h = rms_norm(x, np.zeros(D, f32), eps) * scale * f32(D**-0.5)  # gain 0 zero-centred: no gain
+    probs = softmax(linear(h, proj))  # (T, D) -> (T, E)
+    experts = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]  # (T, k), most probable first
+    weights = np.take_along_axis(probs, experts, axis=-1)  # (T, k)
+    weights = weights / weights.sum(axis=-1, keepdims=True)
+    return weights * expert_scale[experts], experts
+
+
+def experts(x: np.ndarray, weights: np.ndarray, chosen: np.ndarray, gate_up: list, down: list,
+            linear=linear) -> np.ndarray:
+    """The experts' output: each token's chosen experts, each a small GeGLU MLP, weighted and summed.
+
+    Expert e computes down(gelu_tanh(gate) * up) with its gate and up projections stacked in one (2I, D)
+    matrix (transformers Gemma4TextExperts). Each expert runs once, on the tokens that chose it, in expert
+    order, as transformers accumulates them.
+
+    Shapes: x (T, D), weights (T, k), chosen (T, k) int, gate_up E x (2I, D), down E x (D, I) -> (T, D)
+    """
+    out = np.zeros(x.shape, f32)
+    for e in np.unique(chosen):
+        tokens, slot = np.nonzero(chosen == e)  # the tokens that chose expert e, and in which of their k slots
+        gate, up = np.split(linear(x[tokens], gate_up[e]), 2, axis=-1)  # (n, D) -> (n, 2I) -> 2 x (n, I)
+        h = linear(gelu_tanh(gate) * up, down[e])  # (n, I) -> (n, D)
+        out[tokens] += h * weights[tokens, slot][:, None]  # a token chooses an expert at most once
+    return out

@@ -139,13 +139,15 @@ def _load_hf_dir(path: Path, quantize: str | None, dtype: str | None, ops: kerne
 
 
 def _load_gguf(path: Path, progress: bool, quantize: str | None, dtype: str | None, ops: kernels.Backend) -> Gemma:
-    from .gguf_file import config_from_gguf, load_gguf_params, open_gguf
+    from .gguf_file import config_from_gguf, field, load_gguf_params, open_gguf
     from .tokenizer import Tokenizer
 
     reader = open_gguf(path)
     config = config_from_gguf(reader, path)
     tokenizer = None
-    if "tokenizer.ggml.tokens" in reader.fields:
+    # Gemma 4's GGUF vocabulary is BPE with merges (tokenizer.ggml.model "gemma4"), not SentencePiece: its
+    # weights load, and model.tokenizer says there is none
+    if "tokenizer.ggml.tokens" in reader.fields and field(reader, "tokenizer.ggml.model") != "gemma4":
         try:
             tokenizer = Tokenizer.from_gguf(reader)
         except ValueError as e:
