@@ -109,10 +109,16 @@ class Tokenizer:
     def encoder(self, name: str) -> None:
         if name not in ENCODERS:
             raise InvalidArgument(f"encoder must be one of {', '.join(ENCODERS)}, got {name!r}")
-        if name == "python" and self._python is None:
-            self._python = PythonBPE(self._proto)
         self._encoder = name
-        self._bpe = self._sp.encode if name == "sentencepiece" else self._python.encode
+        self._bpe = self._sp.encode if name == "sentencepiece" else self.python_bpe.encode
+
+    @property
+    def python_bpe(self) -> "PythonBPE":
+        """The pure-Python encoder of this vocabulary (built on first use), e.g. to watch its merges:
+        `tok.python_bpe.encode("▁word", trace=print)`."""
+        if self._python is None:
+            self._python = PythonBPE(self._proto)
+        return self._python
 
     @classmethod
     def from_file(cls, path, encoder: str = "sentencepiece") -> "Tokenizer":
