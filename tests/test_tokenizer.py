@@ -493,8 +493,9 @@ def test_cli_tokenize_reads_stdin(capsys, monkeypatch, gguf_path, hf, tmp_path):
 
 
 def test_cli_tokenize_errors_are_one_line(capsys, tmp_path):
-    code, out, err = run_cli(capsys, "tokenize", "x", "--model", str(tmp_path / "missing.gguf"))
-    assert (code, out) == (1, "") and err == f"minigemma: error: {tmp_path / 'missing.gguf'}: no such file or directory\n"
+    missing = tmp_path / "missing.gguf"
+    code, out, err = run_cli(capsys, "tokenize", "x", "--model", str(missing))
+    assert (code, out) == (1, "") and err == f"minigemma: error: {missing}: no such file or directory\n"
     code, _, err = run_cli(capsys, "tokenize", "x", "--model", str(tmp_path))
     assert code == 1 and err == f"minigemma: error: {tmp_path}: no tokenizer.model in this directory\n"
     with pytest.raises(SystemExit) as exit_:
