@@ -1,5 +1,5 @@
-"""`python -m minigemma generate PROMPT`, `... chat`, `... perplexity FILE` and `... compare` (also installed as
-`minigemma`).
+"""`python -m minigemma generate PROMPT`, `... chat`, `... perplexity FILE`, `... compare` and `... tokenize TEXT`
+(also installed as `minigemma`).
 
 Text streams to stdout; progress and diagnostics go to stderr. Errors are one line on stderr: exit code 2
 for a bad command line, 1 for anything that fails after that (a missing or broken file, a prompt too long,
@@ -20,6 +20,7 @@ import traceback
 from contextlib import contextmanager
 
 from .errors import ContextOverflow, InvalidArgument, UsageError
+from .tokenizer import ENCODERS
 from .weights import DTYPE_CHOICES, QUANTIZE_CHOICES
 
 
@@ -167,6 +168,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the results and timing as one JSON line, the last line of stderr")
     p.set_defaults(run=perplexity_command)
 
+    t = sub.add_parser("tokenize", help="print a text's token ids as a JSON list (like llama.cpp's llama-tokenize)")
+    t.add_argument("text", help="the text, or - to read it from standard input (all of it, a final newline too)")
+    t.add_argument("--model", default=None,
+                   help="a .gguf file, an HF directory or its tokenizer.model, or an HF repo id (default: the "
+                        "built-in Gemma 3 270M); only the tokenizer is read")
+    t.add_argument("--encoder", default="sentencepiece", choices=ENCODERS,
+                   help="who merges: sentencepiece (the C++ library, default) or python (the readable "
+                        "reference, tokenizer.PythonBPE, ~10x slower); same ids")
+    t.add_argument("--pieces", action="store_true", help="print the pieces (\u2581 for a space) instead of the ids")
+    t.add_argument("--no-bos", action="store_true", help="do not put <bos> in front")
+    t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="on an error, show the Python traceback")
+    t.set_defaults(run=tokenize_command)
+
     cmp = sub.add_parser("compare", help="compare every layer with transformers (needs transformers and torch)")
     cmp.add_argument("--model", default=None,
                      help="HF directory, Gemma 2/3 .gguf file or HF repo id (default: the built-in Gemma 3 270M)")
@@ -193,6 +208,16 @@ def compare_command(args) -> int:
     print(f"{model.source}: {len(ids)} tokens")
     print(report.format(lambda i: model.tokenizer.decode([i])))
     return 0 if report.first_departure is None else 1
+
+
+def tokenize_command(args) -> int:
+    from .tokenizer import load_tokenizer
+
+    text = as_text(sys.stdin.buffer.read(), "standard input") if args.text == "-" else as_text(args.text, "the text")
+    tokenizer = load_tokenizer(args.model, encoder=args.encoder)
+    ids = tokenizer.encode(text, add_bos=not args.no_bos)
+    print(json.dumps([tokenizer.id_to_piece(i) for i in ids], ensure_ascii=False) if args.pieces else json.dumps(ids))
+    return 0
 
 
 def generate_command(args) -> int:
