@@ -104,11 +104,24 @@ def sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def own_weights(params) -> None:
+    """Give the model writable copies of its float32 arrays, for full fine-tuning. Loading views float32 tensors
+    straight in the memory-mapped file (hf.py), read-only: training them in place must not write the file."""
+    def own(w):
+        return np.array(w) if isinstance(w, np.ndarray) and not w.flags.writeable else w
+
+    params.embed, params.final_norm = own(params.embed), own(params.final_norm)
+    for layer in params.layers:
+        for name, w in vars(layer).items():
+            setattr(layer, name, own(w))
+
+
 def start(model, settings: Settings, n_examples: int, init_adapter: str | Path | None = None) -> Run:
     """Prepare a fresh run: adapters (new, or from --init-adapter) unless full, and the optimizer."""
     if settings.full:
         if init_adapter is not None:
             raise InvalidArgument("--init-adapter is for LoRA; --full trains the model's own weights")
+        own_weights(model.params)
     elif init_adapter is not None:
         load_adapter(model, init_adapter)
     else:
@@ -219,7 +232,9 @@ def resume(model, directory: str | Path, state: dict) -> Run:
     from safetensors.numpy import load_file
 
     s: Settings = state["settings"]
-    if not s.full:
+    if s.full:
+        own_weights(model.params)
+    else:
         load_adapter(model, directory)
     params = training.parameters(model, s.train)
     optimizer = make_optimizer(s.optimizer, params, s.weight_decay)
