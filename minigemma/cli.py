@@ -472,8 +472,8 @@ def finetune_command(args) -> int:
     if args.stats:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         report = {"steps": run.step, "examples": len(examples), "examples_cut": cut, "trainable": int(trainable),
-                  "train_tokens": run.tokens, "train_s": round(run.seconds, 3),
-                  "tokens_per_s": round(run.tokens / run.seconds, 1) if run.seconds else None,
+                  "scored_tokens": run.tokens, "train_tokens": run.input_tokens, "train_s": round(run.seconds, 3),
+                  "tokens_per_s": round(run.input_tokens / run.seconds, 1) if run.seconds else None,
                   "loss": last["loss"], "eval_loss": last.get("eval_loss"), "load_s": round(load_s, 3),
                   "backend": model.backend.name, "peak_rss_mb": round(peak_mb, 1)}
         print(json.dumps(report), file=sys.stderr)

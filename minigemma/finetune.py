@@ -98,6 +98,7 @@ class Run:
     data_sha256: str = ""
     seconds: float = 0.0  # training time so far (over every resumed part)
     tokens: int = 0  # scored tokens so far
+    input_tokens: int = 0  # tokens run through the model so far (without padding)
 
 
 def sha256(path: str | Path) -> str:
@@ -134,10 +135,12 @@ def start(model, settings: Settings, n_examples: int, init_adapter: str | Path |
 def train_step(run: Run, examples: list[Example], pad_id: int) -> dict:
     """One optimizer step over grad_accum micro-batches; returns its row of the history."""
     s = run.settings
-    total_loss, total_count, grads = 0.0, 0, None
+    total_loss, total_count, grads, seen = 0.0, 0, None, 0
     for a in range(s.grad_accum):
         k = run.step * s.grad_accum + a
-        tokens, labels = collate(micro_batch(examples, k, s.batch_size, s.seed), pad_id)
+        batch = micro_batch(examples, k, s.batch_size, s.seed)
+        seen += sum(len(e.ids) for e in batch)
+        tokens, labels = collate(batch, pad_id)
         rng = np.random.default_rng([s.seed, k, 1]) if s.dropout > 0 else None  # dropout masks of micro-batch k
         loss_sum, count, g = training.loss_and_grads(run.model, tokens, labels, s.train,
                                                      checkpoint=s.gradient_checkpointing, dropout=s.dropout,
@@ -157,8 +160,9 @@ def train_step(run: Run, examples: list[Example], pad_id: int) -> dict:
     run.optimizer.step(grads, lr)
     run.step += 1
     run.tokens += total_count
+    run.input_tokens += seen
     row = {"step": run.step, "loss": total_loss / max(total_count, 1), "lr": lr, "grad_norm": norm,
-           "tokens": total_count}
+           "tokens": total_count, "input_tokens": seen}  # scored tokens; tokens run through (padding not counted)
     run.history.append(row)
     return row
 
@@ -207,7 +211,8 @@ def save(run: Run, out: str | Path, model_options: dict | None = None, overwrite
         save_file({k: np.ascontiguousarray(v) for k, v in run.optimizer.state().items()}, str(tmp / OPTIMIZER))
         state = {"step": run.step, "total_steps": run.total, "settings": dataclasses.asdict(s),
                  "model": model.source, "model_options": model_options or {}, "data_sha256": run.data_sha256,
-                 "seconds": run.seconds, "tokens": run.tokens, "history": run.history}
+                 "seconds": run.seconds, "tokens": run.tokens, "input_tokens": run.input_tokens,
+                 "history": run.history}
         (tmp / STATE).write_text(json.dumps(state, indent=1) + "\n")
         write_curve(tmp, run.history)
     return Path(out)
@@ -244,7 +249,7 @@ def resume(model, directory: str | Path, state: dict) -> Run:
         raise ModelFileError(f"{Path(directory) / OPTIMIZER}: cannot restore the optimizer ({type(e).__name__}: "
                              f"{e})") from None
     return Run(model, s, optimizer, params, state["total_steps"], state["step"], state["history"],
-               state["data_sha256"], state["seconds"], state["tokens"])
+               state["data_sha256"], state["seconds"], state["tokens"], state.get("input_tokens", 0))
 
 
 def write_curve(directory: Path, history: list[dict]) -> str:
@@ -292,7 +297,7 @@ def report_to(stream=sys.stderr, total: int = 0, start_step: int = 0, bar=None):
     t_start, tok = time.perf_counter(), [0]
 
     def report(row):
-        tok[0] += row["tokens"]
+        tok[0] += row["input_tokens"]  # tokens/s: every token the model ran forward and backward
         elapsed = time.perf_counter() - t_start
         rate = tok[0] / elapsed if elapsed else 0.0
         left = elapsed / max(1, row["step"] - start_step) * (total - row["step"])

@@ -40,7 +40,8 @@ MODULES = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj":
            "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
            "down_proj": "mlp.down_proj"}
 # All of them by default: with QLoRA, adapting every linear layer is what matches full fine-tuning
-# (Dettmers et al. 2023, section 4), and on the 270M model it costs 3.8M trainable weights at rank 8.
+# (Dettmers et al. 2023, section 4), and on the 270M model it costs 1.9M trainable weights at rank 8
+# (0.7% of the model).
 DEFAULT_TARGETS = tuple(MODULES)
 
 ADAPTER_CONFIG = "adapter_config.json"
