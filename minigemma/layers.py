@@ -30,6 +30,11 @@ def compute_dtype(*arrays) -> np.dtype:
     return np.result_type(f32, *[a.dtype for a in arrays])
 
 
+def const(x: np.ndarray, value: float):
+    """A constant in x's precision: float32 for inference, exact for the float64 gradient tests."""
+    return compute_dtype(x).type(value)
+
+
 def linear(x: np.ndarray, w) -> np.ndarray:
     """x @ w.T, a bias-free linear layer with the weight stored (out, in) as in Hugging Face and GGUF.
 
@@ -84,7 +89,7 @@ def linear_backward(dout: np.ndarray, x: np.ndarray, w, dw=None) -> np.ndarray:
 
 def lora_update(x: np.ndarray, w: LoRA) -> np.ndarray:
     """The LoRA branch of a linear layer: scale * (x @ A.T) @ B.T. Shapes: (T, in) -> (T, r) -> (T, out)"""
-    return (x @ w.A.T) @ (np.float32(w.scale) * w.B).T
+    return (x @ w.A.T) @ (const(x, w.scale) * w.B).T
 
 
 def lora_update_backward(dout: np.ndarray, x: np.ndarray, w: LoRA, dA=None, dB=None) -> np.ndarray:
@@ -92,7 +97,7 @@ def lora_update_backward(dout: np.ndarray, x: np.ndarray, w: LoRA, dA=None, dB=N
         dB = s dy^T z,   dz = s dy B,   dA = dz^T x,   dx = dz A
     dA and dB (if given) are added into; returns dx. Shapes: dout (T, out), x (T, in) -> dx (T, in)
     """
-    s = np.float32(w.scale)
+    s = const(dout, w.scale)
     z = x @ w.A.T  # (T, r), recomputed: r numbers per token, cheaper to redo than to keep
     dz = (s * dout) @ w.B  # (T, out) @ (out, r) -> (T, r)
     if dB is not None:
@@ -126,7 +131,8 @@ def embed(token_ids: np.ndarray, table: np.ndarray, scale: float, rows=embedding
 
     Shapes: (T,) int, (V, D) -> (T, D)
     """
-    return rows(table, token_ids) * f32(scale)
+    x = rows(table, token_ids)
+    return x * const(x, scale)
 
 
 def embed_backward(dout: np.ndarray, token_ids: np.ndarray, scale: float, dtable: np.ndarray | None) -> None:
@@ -139,7 +145,7 @@ def embed_backward(dout: np.ndarray, token_ids: np.ndarray, scale: float, dtable
     Shapes: dout (T, D), (T,) int, dtable (V, D)
     """
     if dtable is not None:
-        np.add.at(dtable, token_ids, dout * f32(scale))
+        np.add.at(dtable, token_ids, dout * const(dout, scale))
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -153,7 +159,7 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """
     dtype = compute_dtype(x)
     x = x.astype(dtype, copy=False)
-    rms = np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + f32(eps))
+    rms = np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + const(x, eps))
     return x / rms * (f32(1.0) + weight.astype(dtype, copy=False))
 
 
@@ -167,7 +173,7 @@ def rms_norm_backward(dout: np.ndarray, x: np.ndarray, weight: np.ndarray, eps: 
     """
     dtype = compute_dtype(x, dout)
     x = x.astype(dtype, copy=False)
-    r = f32(1.0) / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + f32(eps))  # (..., 1)
+    r = f32(1.0) / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + const(x, eps))  # (..., 1)
     x_hat = x * r
     if dweight is not None:
         dweight += (dout * x_hat).reshape(-1, x.shape[-1]).sum(axis=0)
@@ -222,15 +228,15 @@ def softcap(x: np.ndarray, cap: float | None) -> np.ndarray:
     """
     if cap is None:
         return x
-    return f32(cap) * np.tanh(x / f32(cap))
+    return const(x, cap) * np.tanh(x / const(x, cap))
 
 
 def softcap_backward(dout: np.ndarray, x: np.ndarray, cap: float | None) -> np.ndarray:
     """The gradient of softcap: y = c tanh(x / c)  =>  dx = dy (1 - tanh(x / c)^2). Shapes: (...) -> (...)"""
     if cap is None:
         return dout
-    t = np.tanh(x / f32(cap))
-    return dout * (f32(1.0) - t * t)
+    t = np.tanh(x / const(x, cap))
+    return dout * (1 - t * t)
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -273,7 +279,7 @@ def attention_probs(q: np.ndarray, k: np.ndarray, mask: np.ndarray, scale: float
     K = k.shape[0]
     G = H // K
     qg = q.reshape(K, G * T, Dh)  # (H, T, Dh) -> (K, G*T, Dh): heads h = kv*G + g share kv head `kv`
-    scores = (qg @ k.transpose(0, 2, 1)) * f32(scale)  # (K, G*T, S)
+    scores = (qg @ k.transpose(0, 2, 1)) * const(q, scale)  # (K, G*T, S)
     scores = softcap(scores, cap)
     scores = scores.reshape(K, G, T, -1)  # (K, G*T, S) -> (K, G, T, S)
     scores = np.where(mask, scores, f32(-np.inf))
@@ -318,8 +324,8 @@ def attention_backward(dout: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.nda
     dz = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))  # softmax backward; zero where masked
     qg = q.reshape(K, (H // K) * T, Dh)  # (H, T, Dh) -> (K, G*T, Dh)
     if cap is not None:
-        dz = softcap_backward(dz, (qg @ k.transpose(0, 2, 1)) * f32(scale), cap)
-    dz *= f32(scale)
+        dz = softcap_backward(dz, (qg @ k.transpose(0, 2, 1)) * const(q, scale), cap)
+    dz *= const(q, scale)
     dq = (dz @ k).reshape(H, T, Dh)  # (K, G*T, S) @ (K, S, Dh) -> (K, G*T, Dh) -> (H, T, Dh)
     dk = dz.transpose(0, 2, 1) @ qg  # (K, S, G*T) @ (K, G*T, Dh) -> (K, S, Dh)
     return dq, dk, dv
@@ -346,7 +352,8 @@ def gelu_tanh(x: np.ndarray) -> np.ndarray:
 
     Shapes: (...) -> (...)
     """
-    return f32(0.5) * x * (f32(1.0) + np.tanh(f32(np.sqrt(2.0 / np.pi)) * (x + f32(0.044715) * x * x * x)))
+    k = compute_dtype(x).type  # float32 in inference
+    return k(0.5) * x * (k(1.0) + np.tanh(k(np.sqrt(2.0 / np.pi)) * (x + k(0.044715) * x * x * x)))
 
 
 def gelu_tanh_backward(dout: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -355,10 +362,10 @@ def gelu_tanh_backward(dout: np.ndarray, x: np.ndarray) -> np.ndarray:
 
     Shapes: (...) -> (...)
     """
-    c = f32(np.sqrt(2.0 / np.pi))
-    t = np.tanh(c * (x + f32(0.044715) * x * x * x))
-    return dout * (f32(0.5) * (f32(1.0) + t) +
-                   f32(0.5) * x * (f32(1.0) - t * t) * c * (f32(1.0) + f32(3 * 0.044715) * x * x))
+    k = compute_dtype(x).type
+    c = k(np.sqrt(2.0 / np.pi))
+    t = np.tanh(c * (x + k(0.044715) * x * x * x))
+    return dout * (k(0.5) * (1 + t) + k(0.5) * x * (1 - t * t) * c * (1 + k(3 * 0.044715) * x * x))
 
 
 def mlp(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray, linear=linear) -> np.ndarray:

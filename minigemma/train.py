@@ -259,34 +259,46 @@ def cross_entropy(h: np.ndarray, table, targets: np.ndarray, cap: float | None, 
                   dtable: np.ndarray | None = None, chunk: int | None = None):
     """Sum of -log softmax(softcap(h E^T))[target] over positions, and its gradient, through the tied head E.
 
-    A block of `chunk` positions at a time (LOGITS_BYTES of float32 logits by default): its logits are made
-    (ops.linear), turned into the loss and, in place, into the gradient of the loss, and sent back through
-    the head before the next block is made, so (M, V) never exists:
-        loss = logsumexp(z) - z[target],   dz = softmax(z) - onehot(target)
-    then back through the final soft-cap (Gemma 2) and the head (linear_backward: dh = dz E, and dE += dz^T h
-    when the embedding is trained). The sum is accumulated in float64.
+    A block of `chunk` positions at a time (LOGITS_BYTES of float32 logits by default): cross_entropy_block
+    makes the block's logits, its loss and gradient, and sends that back through the head before the next
+    block's logits exist, so (M, V) never does. The sum is accumulated in float64.
 
     Shapes: h (M, D), table (V, D), targets (M,) -> loss float, dh (M, D) (None unless grad)
     """
-    M, V = len(targets), table.shape[0]
-    step = chunk or max(1, LOGITS_BYTES // (4 * V))
+    step = chunk or max(1, LOGITS_BYTES // (4 * table.shape[0]))
     total = 0.0
     dh = np.empty_like(h) if grad else None
-    for start in range(0, M, step):
-        hs, ts = h[start:start + step], targets[start:start + step]
-        rows = np.arange(len(ts))
-        z = ops.linear(hs, table)  # (n, V)
-        logits = softcap(z, cap)  # z itself when there is no cap: the steps below then overwrite z, unused
-        top = logits.max(axis=-1, keepdims=True)
-        chosen = logits[rows, ts] - top[:, 0]
-        e = np.exp(np.subtract(logits, top, out=logits), out=logits)  # in place: (n, V) once, not twice
-        sums = e.sum(axis=-1, keepdims=True)
-        total += float(np.sum(np.log(sums[:, 0]) - chosen, dtype=np.float64))
+    for start in range(0, len(targets), step):
+        block = slice(start, start + step)
+        loss_sum, dh_block = cross_entropy_block(h[block], table, targets[block], cap, ops, grad, dtable)
+        total += loss_sum
         if grad:
-            dlogits = np.divide(e, sums, out=e)  # softmax
-            dlogits[rows, ts] -= 1
-            dh[start:start + step] = linear_backward(softcap_backward(dlogits, z, cap), hs, table, dtable)
+            dh[block] = dh_block
     return total, dh
+
+
+def cross_entropy_block(h: np.ndarray, table, targets: np.ndarray, cap: float | None, ops, grad: bool,
+                        dtable: np.ndarray | None):
+    """The loss of a block of positions and, in the same (n, V) array, its gradient:
+        loss = logsumexp(z) - z[target],   dz = softmax(z) - onehot(target)
+    then back through the final soft-cap (Gemma 2) and the head (linear_backward: dh = dz E, and dE += dz^T h
+    when the embedding is trained). The logits are freed when this returns.
+
+    Shapes: h (n, D), table (V, D), targets (n,) -> float, dh (n, D) or None
+    """
+    rows = np.arange(len(targets))
+    z = ops.linear(h, table)  # (n, V)
+    logits = softcap(z, cap)  # z itself when there is no cap: the steps below then overwrite z, unused
+    top = logits.max(axis=-1, keepdims=True)
+    chosen = logits[rows, targets] - top[:, 0]
+    e = np.exp(np.subtract(logits, top, out=logits), out=logits)  # in place: one (n, V) array, not two
+    sums = e.sum(axis=-1, keepdims=True)
+    loss_sum = float(np.sum(np.log(sums[:, 0]) - chosen, dtype=np.float64))
+    if not grad:
+        return loss_sum, None
+    dz = np.divide(e, sums, out=e)  # softmax
+    dz[rows, targets] -= 1
+    return loss_sum, linear_backward(softcap_backward(dz, z, cap), h, table, dtable)
 
 
 # ---- the whole model ------------------------------------------------------------------------------------------
