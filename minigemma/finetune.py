@@ -182,6 +182,10 @@ def fit(run: Run, examples: list[Example], pad_id: int, eval_examples: list[Exam
     """Step until the run's total, evaluating every `eval_every` steps and at the end. Returns False if
     `should_stop` asked to stop early (checked between steps, so the model is always at a whole step)."""
     s = run.settings
+    if eval_examples and not run.history:  # where the model starts: the baseline the curve is read against
+        row = {"step": 0, "eval_loss": evaluate(run.model, eval_examples, s.batch_size, pad_id)}
+        run.history.append(row)
+        report(row)
     while run.step < run.total:
         t0 = time.perf_counter()
         row = train_step(run, examples, pad_id)
@@ -257,9 +261,9 @@ def write_curve(directory: Path, history: list[dict]) -> str:
     with open(directory / "loss.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["step", "loss", "eval_loss", "lr", "grad_norm", "tokens"])
-        for r in history:
-            w.writerow([r["step"], f"{r['loss']:.6f}", f"{r['eval_loss']:.6f}" if "eval_loss" in r else "",
-                        f"{r['lr']:.6g}", f"{r['grad_norm']:.6g}", r["tokens"]])
+        for r in history:  # the step-0 row (the baseline evaluation) has only an eval_loss
+            w.writerow([r["step"]] + [f"{r[k]:.6g}" if k in r else "" for k in ("loss", "eval_loss", "lr", "grad_norm")]
+                       + [r.get("tokens", "")])
     try:
         import matplotlib
 
@@ -268,8 +272,8 @@ def write_curve(directory: Path, history: list[dict]) -> str:
     except ImportError:
         return "loss.csv"
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    steps = [r["step"] for r in history]
-    ax.plot(steps, [r["loss"] for r in history], label="train", lw=1)
+    trained = [r for r in history if "loss" in r]
+    ax.plot([r["step"] for r in trained], [r["loss"] for r in trained], label="train", lw=1)
     evals = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval")
@@ -297,6 +301,10 @@ def report_to(stream=sys.stderr, total: int = 0, start_step: int = 0, bar=None):
     t_start, tok = time.perf_counter(), [0]
 
     def report(row):
+        if "loss" not in row:  # the baseline evaluation, before the first step
+            (bar.write if bar is not None else lambda t: print(t, file=stream, flush=True))(
+                f"step 0/{total} eval {row['eval_loss']:.4f}")
+            return
         tok[0] += row["input_tokens"]  # tokens/s: every token the model ran forward and backward
         elapsed = time.perf_counter() - t_start
         rate = tok[0] / elapsed if elapsed else 0.0
