@@ -227,3 +227,19 @@ def _err(capsys, *argv) -> tuple[int, str]:
     code = _run(*argv)
     err = capsys.readouterr().err.strip().splitlines()
     return code, err[-1] if err else ""
+
+
+def test_full_run_resumed_and_extended_equals_the_whole_run(work, tmp_path):
+    """--full checkpoints are HF folders; --resume loads the trained weights from there, with AdamW's moments,
+    and --steps extends the run (constant schedule, so the learning rates of the two runs agree)."""
+    common = ["--model", work / "base", "--full", "--lr", 1e-3, "--schedule", "constant", "--backend", "numpy"]
+    assert _run("finetune", work / "train.jsonl", "--out", tmp_path / "whole", "--steps", 4, *common) == 0
+    assert _run("finetune", work / "train.jsonl", "--out", tmp_path / "part", "--steps", 2, *common) == 0
+    assert _run("finetune", work / "train.jsonl", "--resume", tmp_path / "part", "--steps", 4,
+                "--backend", "numpy") == 0
+    from safetensors.numpy import load_file
+
+    whole, part = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("whole", "part"))
+    assert sorted(whole) == sorted(part)
+    for name in whole:
+        np.testing.assert_array_equal(part[name], whole[name])
