@@ -44,7 +44,6 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from . import layers
 from .errors import InvalidArgument
 from .layers import (apply_rope, apply_rope_backward, attention_backward, attention_mask, attention_probs, embed,
                      embed_backward, gelu_tanh, linear_backward, lora_update, lora_update_backward, mlp_backward,
