@@ -44,7 +44,6 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from . import layers
 from .errors import InvalidArgument
 from .layers import (apply_rope, apply_rope_backward, attention_backward, attention_mask, attention_probs, embed,
                      embed_backward, gelu_tanh, linear_backward, lora_update, lora_update_backward, mlp_backward,
@@ -92,7 +91,7 @@ def parameters(model, train: str) -> dict[str, np.ndarray]:
     return out
 
 
-def _slots(model, train: str, grads: dict[str, np.ndarray]):
+def _slots(model, grads: dict[str, np.ndarray]):
     """Where each parameter's gradient goes, shaped like the parameters: (embed, final_norm, [LayerParams]).
 
     A field holds an array (full fine-tuning), the pair (dA, dB) of a LoRA weight, or None (frozen), which is
@@ -325,8 +324,9 @@ def _check(model, tokens, labels):
     return tokens.astype(np.int64), labels.astype(np.int64)
 
 
-def _run(model, tokens, labels, grads=None, slots=None, checkpoint=False, dropout=None, chunk=None):
-    """The forward, the loss, and (with `grads`) the backward. Returns (loss_sum, count)."""
+def _run(model, tokens, labels, slots=None, checkpoint=False, dropout=None, chunk=None):
+    """The forward, the loss, and (given `slots`, from _slots) the backward, adding each gradient into its
+    slot. Returns (loss_sum, count)."""
     c, ops, params = model.config, model.backend, model.params
     tokens, labels = _check(model, tokens, labels)
     B, T = tokens.shape
@@ -346,14 +346,14 @@ def _run(model, tokens, labels, grads=None, slots=None, checkpoint=False, dropou
     kept = []
     for i, p in enumerate(params.layers):
         x_next, record = block_forward(x, p, i, batch)
-        if grads is not None:
+        if slots is not None:
             kept.append(x if checkpoint else record)
         x = x_next
     h = ops.rms_norm(x, params.final_norm, c.rms_norm_eps)
     dtable, dfinal, dlayers = slots if slots is not None else (None, None, None)
     total, dh_counted = cross_entropy(h[counted], params.embed, targets[counted], c.final_logit_softcapping, ops,
-                                      grad=grads is not None, dtable=dtable, chunk=chunk)
-    if grads is None:
+                                      grad=slots is not None, dtable=dtable, chunk=chunk)
+    if slots is None:
         return total, len(counted)
 
     dh = np.zeros_like(h)
@@ -389,7 +389,7 @@ def loss_and_grads(model, tokens, labels, train: str = "lora", checkpoint: bool 
             raise InvalidArgument("dropout > 0 needs rng, a seeded np.random.Generator")
         drop = LoRADropout(dropout, int(rng.integers(2**63)), model)
     grads = {name: np.zeros_like(a) for name, a in trainable.items()}
-    total, count = _run(model, tokens, labels, grads, _slots(model, train, grads), checkpoint, drop, chunk)
+    total, count = _run(model, tokens, labels, _slots(model, grads), checkpoint, drop, chunk)
     return total, count, grads
 
 

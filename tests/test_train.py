@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import minigemma
-from conftest import make_hf_model, random_params, rel_err, save
+from conftest import load_hf_float32, make_hf_model, random_params, rel_err, save
 from minigemma import train, weights
 from minigemma.config import GemmaConfig
 from minigemma.errors import InvalidArgument
@@ -120,8 +120,6 @@ def peft_grads(model, peft_model) -> dict:
 # ---- against torch -----------------------------------------------------------------------------------------
 
 def test_full_fine_tuning_gradients_match_torch(checkpoint_dir):
-    from conftest import load_hf_float32
-
     model = minigemma.load(checkpoint_dir)
     hf = load_hf_float32(checkpoint_dir)
     tokens, labels = batch()
@@ -138,8 +136,6 @@ def test_full_fine_tuning_gradients_match_torch(checkpoint_dir):
 def test_lora_gradients_match_peft(checkpoint_dir, quantize):
     """LoRA on float32, and QLoRA on int8 / int4 base weights, against peft on transformers running on the
     very weights ours hold (dequantized)."""
-    from conftest import load_hf_float32
-
     model = minigemma.load(checkpoint_dir, quantize=quantize)
     hf = load_hf_float32(checkpoint_dir)
     if quantize:  # torch computes with our quantized weights, widened
@@ -315,7 +311,7 @@ def test_checkpointing_gives_identical_gradients(checkpoint_dir, mode):
         np.testing.assert_array_equal(runs[0][2][name], runs[1][2][name], err_msg=name)
 
 
-def test_dropout_is_seeded_and_drops(tiny, tmp_path):
+def test_dropout_is_seeded_and_drops(tmp_path):
     model = lora_model(save(make_hf_model("gemma3_text", seed=2), tmp_path))
     tokens, labels = batch(seed=9)
     run = lambda seed, p=0.5: train.loss_and_grads(model, tokens, labels, dropout=p,  # noqa: E731
@@ -345,6 +341,20 @@ def test_backends_give_the_same_gradients(checkpoint_dir):
     full = [train.loss_and_grads(minigemma.load(checkpoint_dir, backend=b), tokens, labels, train="full")
             for b in ("numpy", "numba")]
     assert_grads_close(full[1][2], full[0][2], rtol=5e-5)
+
+
+def test_parameters_are_views_into_the_model(tmp_path):
+    """An optimizer updates parameters() in place, and the model computes with the update."""
+    model = lora_model(save(make_hf_model("gemma3_text"), tmp_path))
+    tokens, labels = batch(seed=11)
+    before = train.loss(model, tokens, labels)[0]
+    lora = train.parameters(model, "lora")
+    assert set(lora) == {f"layers.{i}.{f}.{m}" for i in range(4) for f in TARGETS for m in "AB"}
+    lora["layers.2.up_proj.B"] += 0.5
+    assert model.params.layers[2].up_proj.B is lora["layers.2.up_proj.B"]
+    assert train.loss(model, tokens, labels)[0] != before
+    full = train.parameters(minigemma.load(tmp_path), "full")
+    assert len(full) == 2 + 4 * 13  # embed, final_norm; per Gemma 3 block 7 matrices and 6 norms
 
 
 # ---- what is refused -------------------------------------------------------------------------------------------
