@@ -167,8 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=whole_number, default=None,
                    help="score only the first N tokens of the text (default: all)")
     p.add_argument("--compare-to", default=None, choices=("none",) + QUANTIZE_CHOICES + DTYPE_CHOICES,
-                   help="also run the model with these weights (none = the float32 reference) and report mean "
-                        "KL divergence and top-1 agreement against them")
+                   help="also run the model with these weights (none = the float32 reference; never with "
+                        "--adapter, so `--adapter DIR --compare-to none` measures what the adapter changed) and "
+                        "report mean KL divergence and top-1 agreement against them")
     p.add_argument("--stats", action="store_true",
                    help="print the results and timing as one JSON line, the last line of stderr")
     p.set_defaults(run=perplexity_command)
