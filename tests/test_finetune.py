@@ -250,3 +250,19 @@ def test_full_run_resumed_and_extended_equals_the_whole_run(work, tmp_path):
     assert sorted(whole) == sorted(part)
     for name in whole:
         np.testing.assert_array_equal(part[name], whole[name])
+
+
+def test_gradient_accumulation_equals_one_big_batch(work, tmp_path):
+    """Two micro-batches of 2 accumulated make the step one batch of 4 makes: the same four examples (the
+    order depends on the seed and epoch only), the loss divided by all their scored tokens, and padding (which
+    differs between the two) never counted."""
+    common = ["--model", work / "base", "--init-adapter", work / "init", "--steps", 1, "--optimizer", "sgd",
+              "--lr", 0.05, "--max-grad-norm", 0, "--backend", "numpy"]
+    assert _run("finetune", work / "train.jsonl", "--out", tmp_path / "big", "--batch-size", 4, *common) == 0
+    assert _run("finetune", work / "train.jsonl", "--out", tmp_path / "acc", "--batch-size", 2, "--grad-accum", 2,
+                *common) == 0
+    big, acc, init = _adapter(tmp_path / "big"), _adapter(tmp_path / "acc"), _adapter(work / "init")
+    for name in big:
+        assert rel_err(acc[name] - init[name], big[name] - init[name]) < 1e-5, name
+    rows = [json.loads((tmp_path / d / "trainer_state.json").read_text())["history"][0] for d in ("big", "acc")]
+    assert rows[0]["tokens"] == rows[1]["tokens"] and rows[0]["loss"] == pytest.approx(rows[1]["loss"], rel=1e-6)
