@@ -335,6 +335,20 @@ def hf_config_dict(c: GemmaConfig) -> dict:
     return d
 
 
+def output_config(config: GemmaConfig, source: str | None = None) -> dict:
+    """The config.json to write: the model's own, as read, when it came from one (every field the checkpoint's
+    authors set is kept), with the dtype set to the float32 written here (transformers loads a checkpoint in
+    the dtype its config names); otherwise, for a GGUF file, one built from what minigemma knows. A multimodal
+    Gemma 3 config describes a model this folder does not hold (text weights only), so it is rebuilt too."""
+    from_json = source is not None and (Path(source) / "config.json").is_file()
+    if from_json and config.extra.get("model_type") == config.model_type:
+        d = dict(config.extra)
+        d.pop("torch_dtype", None)
+        d["dtype"] = "float32"
+        return d
+    return hf_config_dict(config)
+
+
 def write_hf_directory(directory: Path, config: GemmaConfig, params: Params, tokenizer=None,
                        source: str | None = None) -> None:
     """config.json + model.safetensors (float32, transformers' tensor names from params.LAYER_TENSORS) and,
@@ -351,7 +365,7 @@ def write_hf_directory(directory: Path, config: GemmaConfig, params: Params, tok
                 tensors[LAYER_PREFIX["hf"].format(i) + spec.hf] = np.ascontiguousarray(
                     _float32(getattr(layer, spec.field)))
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(hf_config_dict(config), indent=2) + "\n")
+    (directory / "config.json").write_text(json.dumps(output_config(config, source), indent=2) + "\n")
     source_tokenizer = Path(source) / "tokenizer.model" if source and Path(source).is_dir() else None
     if source_tokenizer is not None and source_tokenizer.is_file():
         shutil.copyfile(source_tokenizer, directory / "tokenizer.model")
