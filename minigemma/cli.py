@@ -402,8 +402,14 @@ def finetune_command(args) -> int:
             raise UsageError("--init-adapter is for LoRA, not --full")
         if not 0 <= args.lora_dropout < 1:
             raise UsageError(f"--lora-dropout {args.lora_dropout}: expected a probability in [0, 1)")
-        if args.lr is not None and args.lr <= 0:
-            raise UsageError(f"--lr {args.lr}: expected a positive number")
+        for flag, value, ok, expected in (
+                ("--lr", args.lr, args.lr is None or args.lr > 0, "a positive number"),
+                ("--lora-alpha", args.lora_alpha, args.lora_alpha > 0, "a positive number"),
+                ("--epochs", args.epochs, args.epochs is None or args.epochs > 0, "a positive number"),
+                ("--max-grad-norm", args.max_grad_norm, args.max_grad_norm >= 0, "a number >= 0 (0: no clipping)"),
+                ("--weight-decay", args.weight_decay, args.weight_decay >= 0, "a number >= 0")):
+            if not ok:
+                raise UsageError(f"{flag} {value:g}: expected {expected}")
         try:
             targets = parse_targets(args.target_modules)
         except InvalidArgument as e:

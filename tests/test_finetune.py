@@ -227,6 +227,11 @@ def test_errors_are_one_line_with_exit_codes(work, tmp_path, capsys):
     assert code == 2 and "target module 'qq'" in message
     code, message = _err(capsys, "finetune", work / "train.jsonl")
     assert code == 2 and "--out DIR" in message
+    for flag, value in (("--lr", "-1"), ("--epochs", "0"), ("--max-grad-norm", "-2"), ("--lora-alpha", "0")):
+        code, message = _err(capsys, "finetune", work / "train.jsonl", "--out", tmp_path / "o4", flag, value)
+        assert code == 2 and f"{flag} {value}: expected" in message
+    code, message = _err(capsys, "finetune", work / "train.jsonl", "--out", tmp_path / "o4", "--resume", tmp_path)
+    assert code == 1 and "not a minigemma fine-tuning checkpoint (no trainer_state.json)" in message
 
 
 def _err(capsys, *argv) -> tuple[int, str]:
