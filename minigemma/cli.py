@@ -372,13 +372,44 @@ def positive_int(text: str) -> int:
     return value
 
 
+def settings_from_args(args, options: dict):
+    """The run's finetune.Settings from the flags; a bad value is a usage error, found before the slow load."""
+    from . import finetune as ft
+    from .lora import parse_targets
+
+    if args.full and (options["quantize"] or options["dtype"] not in (None, "float32")):
+        raise UsageError("--full trains float32 weights: drop --quantize/--dtype (or train LoRA on them: QLoRA)")
+    if args.full and args.init_adapter:
+        raise UsageError("--init-adapter is for LoRA, not --full")
+    if not 0 <= args.lora_dropout < 1:
+        raise UsageError(f"--lora-dropout {args.lora_dropout}: expected a probability in [0, 1)")
+    for flag, value, ok, expected in (
+            ("--lr", args.lr, args.lr is None or args.lr > 0, "a positive number"),
+            ("--lora-alpha", args.lora_alpha, args.lora_alpha > 0, "a positive number"),
+            ("--epochs", args.epochs, args.epochs is None or args.epochs > 0, "a positive number"),
+            ("--max-grad-norm", args.max_grad_norm, args.max_grad_norm >= 0, "a number >= 0 (0: no clipping)"),
+            ("--weight-decay", args.weight_decay, args.weight_decay >= 0, "a number >= 0")):
+        if not ok:
+            raise UsageError(f"{flag} {value:g}: expected {expected}")
+    try:
+        targets = parse_targets(args.target_modules)
+    except InvalidArgument as e:
+        raise UsageError(f"--target-modules: {e}") from None
+    return ft.Settings(
+        full=args.full, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets,
+        steps=args.steps, epochs=args.epochs if args.epochs is not None else 1.0, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, max_length=args.max_length,
+        lr=args.lr if args.lr is not None else (FULL_LR if args.full else ft.Settings.lr), warmup=args.warmup,
+        schedule=args.schedule, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+        optimizer=args.optimizer, seed=args.seed, eval_every=args.eval_every,
+        gradient_checkpointing=args.gradient_checkpointing)
+
+
 def finetune_command(args) -> int:
     from pathlib import Path
 
     from . import finetune as ft
     from .data import load_examples
-    from .errors import ModelFileError
-    from .lora import parse_targets
     from .loading import load
 
     if args.resume is None and args.out is None:
@@ -396,32 +427,7 @@ def finetune_command(args) -> int:
         options.pop("model", None)
     else:
         options = model_options(args)
-        if args.full and (options["quantize"] or options["dtype"] not in (None, "float32")):
-            raise UsageError("--full trains float32 weights: drop --quantize/--dtype (or train LoRA on them: QLoRA)")
-        if args.full and args.init_adapter:
-            raise UsageError("--init-adapter is for LoRA, not --full")
-        if not 0 <= args.lora_dropout < 1:
-            raise UsageError(f"--lora-dropout {args.lora_dropout}: expected a probability in [0, 1)")
-        for flag, value, ok, expected in (
-                ("--lr", args.lr, args.lr is None or args.lr > 0, "a positive number"),
-                ("--lora-alpha", args.lora_alpha, args.lora_alpha > 0, "a positive number"),
-                ("--epochs", args.epochs, args.epochs is None or args.epochs > 0, "a positive number"),
-                ("--max-grad-norm", args.max_grad_norm, args.max_grad_norm >= 0, "a number >= 0 (0: no clipping)"),
-                ("--weight-decay", args.weight_decay, args.weight_decay >= 0, "a number >= 0")):
-            if not ok:
-                raise UsageError(f"{flag} {value:g}: expected {expected}")
-        try:
-            targets = parse_targets(args.target_modules)
-        except InvalidArgument as e:
-            raise UsageError(f"--target-modules: {e}") from None
-        settings = ft.Settings(
-            full=args.full, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets,
-            steps=args.steps, epochs=args.epochs if args.epochs is not None else 1.0, batch_size=args.batch_size,
-            grad_accum=args.grad_accum, max_length=args.max_length,
-            lr=args.lr if args.lr is not None else (FULL_LR if args.full else ft.Settings.lr), warmup=args.warmup,
-            schedule=args.schedule, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
-            optimizer=args.optimizer, seed=args.seed, eval_every=args.eval_every,
-            gradient_checkpointing=args.gradient_checkpointing)
+        settings = settings_from_args(args, options)
         source = args.model
 
     start = time.perf_counter()

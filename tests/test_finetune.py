@@ -268,6 +268,7 @@ def test_gradient_accumulation_equals_one_big_batch(work, tmp_path):
                 *common) == 0
     big, acc, init = _adapter(tmp_path / "big"), _adapter(tmp_path / "acc"), _adapter(work / "init")
     for name in big:
-        assert rel_err(acc[name] - init[name], big[name] - init[name]) < 1e-5, name
+        # the steps (~3e-4) are read back as differences of weights (~0.1): float32 rounding alone is ~2e-5 of them
+        assert rel_err(acc[name] - init[name], big[name] - init[name]) < 1e-4, name
     rows = [json.loads((tmp_path / d / "trainer_state.json").read_text())["history"][0] for d in ("big", "acc")]
     assert rows[0]["tokens"] == rows[1]["tokens"] and rows[0]["loss"] == pytest.approx(rows[1]["loss"], rel=1e-6)
