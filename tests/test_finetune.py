@@ -195,6 +195,15 @@ def test_merge_command_and_adapter_flag(work, tmp_path, capsys):
     with_adapter = capsys.readouterr().out
     assert _run("generate", "the", "--model", tmp_path / "merged", "--max-new-tokens", 4, "--backend", "numpy") == 0
     assert capsys.readouterr().out == with_adapter  # greedy text of the adapter = of the merged model
+    # perplexity --adapter scores as the merged model does, and --compare-to none measures the adapter's change
+    assert _run("perplexity", work / "train.jsonl", "--model", work / "base", "--adapter", work / "init",
+                "--compare-to", "none", "--backend", "numpy") == 0
+    adapted = capsys.readouterr().out
+    assert _run("perplexity", work / "train.jsonl", "--model", tmp_path / "merged", "--backend", "numpy") == 0
+    merged = capsys.readouterr().out
+    assert float(adapted.split(";")[0].split("perplexity ")[1]) == pytest.approx(
+        float(merged.split("perplexity ")[1]), rel=1e-5)  # W + s B A formed, or the branch added: float32 apart
+    assert "mean KL" in adapted and "mean KL 0.000000" not in adapted
 
 
 def test_errors_are_one_line_with_exit_codes(work, tmp_path, capsys):
