@@ -75,8 +75,10 @@ def linear_backward(dout: np.ndarray, x: np.ndarray, w, dw=None) -> np.ndarray:
         dx = linear_backward(dout, x, w.base)  # the base is frozen: only its dx
         return dx + lora_update_backward(dout, x, w, *(dw if dw is not None else (None, None)))
     if isinstance(w, np.ndarray):
-        if dw is not None:
-            dw += dout.T @ x  # (out, T) @ (T, in)
+        if dw is not None:  # a block of rows at a time: no (out, in) temporary beside dw (the LM head's is 671 MB)
+            step = block_rows(x.shape[1])
+            for start in range(0, dw.shape[0], step):
+                dw[start:start + step] += dout[:, start:start + step].T @ x  # (R, T) @ (T, in)
         return dout @ w  # (T, out) @ (out, in)
     out_features, in_features = w.shape
     dx = np.zeros((dout.shape[0], in_features), compute_dtype(dout))

@@ -195,6 +195,18 @@ def test_linear_backward_float(seed, T, out, inp):
     close(layers.linear_backward(dout, x, w), dx_ref)  # frozen
 
 
+def test_linear_backward_weight_gradient_in_blocks(monkeypatch):
+    """dW is added a block of rows at a time (no (out, in) temporary): blocks of 3 rows, 70 rows."""
+    rng = np.random.default_rng(8)
+    x, w, dout = draw(rng, 5, 9), draw(rng, 70, 9), draw(rng, 5, 70)
+    monkeypatch.setattr(weights, "BLOCK_BYTES", 4 * 9 * 3)
+    tx, tw = leaf(x), leaf(w)
+    _, dw_ref = grads_of(tx @ tw.T, dout, tx, tw)
+    dw = np.ones_like(w)
+    layers.linear_backward(dout, x, w, dw)
+    close(dw, 1 + dw_ref)
+
+
 @FEW
 @given(seed=seeds, T=odd, out=st.integers(1, 11), inp=st.integers(1, 11), r=st.integers(1, 4),
        base_kind=st.sampled_from(["float", "int8", "int4"]))
