@@ -358,10 +358,11 @@ def write_hf_directory(directory: Path, config: GemmaConfig, params: Params, tok
 
     tensors = {}
     for spec in MODEL_TENSORS:
-        tensors[spec.hf] = np.ascontiguousarray(_float32(getattr(params, spec.field)))
+        if spec.when(config):  # Gemma 4's per-layer-embedding tensors are None on the models merged here
+            tensors[spec.hf] = np.ascontiguousarray(_float32(getattr(params, spec.field)))
     for i, layer in enumerate(params.layers):
         for spec in LAYER_TENSORS:
-            if spec.when(config):
+            if spec.when(config, i):
                 tensors[LAYER_PREFIX["hf"].format(i) + spec.hf] = np.ascontiguousarray(
                     _float32(getattr(layer, spec.field)))
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
