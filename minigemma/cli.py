@@ -63,9 +63,10 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="store the weight matrices as int8 or int4 (default: none, the float32 reference)")
     p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
                    help="store the weight matrices in 16 bits (or float32), instead of --quantize")
-    p.add_argument("--backend", default=None, choices=["numba", "numpy"],
-                   help="kernels: numba (compiled; the default where installed, or $MINIGEMMA_BACKEND) or numpy "
-                        "(the readable reference); same answers")
+    # The command line is for using the model, so it runs the compiled kernels; minigemma.load() in a
+    # notebook or a debugger gives the readable NumPy reference instead (kernels.py).
+    p.add_argument("--backend", default="numba", choices=["numba", "numpy"],
+                   help="kernels: numba (compiled, the default) or numpy (the readable reference); same answers")
     # also accepted after the command; SUPPRESS keeps `minigemma --debug generate ...` working too
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="on an error, show the Python traceback")
@@ -229,7 +230,8 @@ def generate_command(args) -> int:
                   # from the start of loading to the first text shown: what a user waits for
                   "time_to_first_token_s": None if first_token_s is None else round(first_token_s, 3),
                   "weight_bytes": model.nbytes, "quantize": options["quantize"],
-                  "dtype": options["dtype"] or "float32", "peak_rss_mb": round(peak_mb, 1)}
+                  "dtype": options["dtype"] or "float32", "backend": model.backend.name,
+                  "peak_rss_mb": round(peak_mb, 1)}
         print(json.dumps(report), file=sys.stderr)
     return 0
 
@@ -242,7 +244,7 @@ def perplexity_command(args) -> int:
 
     options = model_options(args)
     compare = None
-    if args.compare_to is not None:  # the same kernels: load() sets the backend for the whole process
+    if args.compare_to is not None:  # the reference runs on the same backend, so only the weights differ
         compare = ({"quantize": None, "dtype": None} if args.compare_to == "none" else
                    {"quantize": args.compare_to, "dtype": None} if args.compare_to in QUANTIZE_CHOICES else
                    {"quantize": None, "dtype": args.compare_to})
@@ -282,7 +284,8 @@ def perplexity_command(args) -> int:
         report = {**result.as_dict(), "text": name, "context": args.context,
                   "stride": args.stride or args.context // 2, "quantize": options["quantize"],
                   "dtype": options["dtype"] or "float32", "compare_to": args.compare_to,
-                  "weight_bytes": model.nbytes, "load_s": round(load_s, 3), "score_s": round(seconds, 3),
+                  "backend": model.backend.name, "weight_bytes": model.nbytes, "load_s": round(load_s, 3),
+                  "score_s": round(seconds, 3),
                   "peak_rss_mb": round(peak_mb, 1)}
         print(json.dumps(report), file=sys.stderr)
     return 0

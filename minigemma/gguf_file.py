@@ -24,7 +24,8 @@ from .config import GemmaConfig
 from .errors import ModelFileError
 from .params import Params, build_params
 from .quants import SUPPORTED_TYPES, dequantize, symmetric_levels
-from .weights import Float16Bits, Int4, Int8, StoredTensor, release_pages
+from .packed import release_pages
+from .weights import Float16Bits, Int4, Int8, StoredTensor
 
 ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 
@@ -378,7 +379,7 @@ class GGUFTensor(StoredTensor):
 
 
 def load_gguf_params(reader, config: GemmaConfig, path: Path, progress: bool = True, quantize: str | None = None,
-                     dtype: str | None = None) -> Params:
+                     dtype: str | None = None, prepare=lambda w: w) -> Params:
     """Read every tensor named in params.LAYER_TENSORS into its storage (float32 by default), one at a time.
 
     A tensor the chosen storage holds as it is, or on its own grid, is not requantized (GGUFTensor.stored);
@@ -389,6 +390,6 @@ def load_gguf_params(reader, config: GemmaConfig, path: Path, progress: bool = T
     try:
         # an "output.weight" would be an untied head: Gemma ties it and llama.cpp's converter skips it
         return build_params(config, {t.name: GGUFTensor(t) for t in reader.tensors}, "gguf", str(path),
-                            quantize=quantize, dtype=dtype, done=bar.update)
+                            quantize=quantize, dtype=dtype, prepare=prepare, done=bar.update)
     finally:
         bar.close()

@@ -20,7 +20,8 @@ from .config import GemmaConfig
 from .errors import ModelFileError
 from .params import Params, build_params
 from .quants import bf16_to_f32
-from .weights import Float16Bits, StoredTensor, release_pages
+from .packed import release_pages
+from .weights import Float16Bits, StoredTensor
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # BF16: raw bits, widened below
 
@@ -202,7 +203,7 @@ def refuse_pickles(directory: Path) -> None:
 
 
 def load_hf_params(directory: Path, config: GemmaConfig, quantize: str | None = None,
-                   dtype: str | None = None) -> Params:
+                   dtype: str | None = None, prepare=lambda w: w) -> Params:
     """Read every tensor named in params.LAYER_TENSORS from the directory's safetensors file(s)."""
     files = [SafetensorsFile(path) for path in safetensors_paths(directory)]
 
@@ -216,4 +217,4 @@ def load_hf_params(directory: Path, config: GemmaConfig, quantize: str | None = 
                 tensors[mapped] = SafetensorsTensor(file, name)
     # the head is tied to the embedding; a checkpoint may still store a copy of it, which we don't need
     return build_params(config, tensors, "hf", str(directory), ignore={"lm_head.weight"}, quantize=quantize,
-                        dtype=dtype)
+                        dtype=dtype, prepare=prepare)

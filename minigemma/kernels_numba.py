@@ -1,7 +1,8 @@
-"""The Numba backend: compiled twins of the hot kernels in kernels.py, same signatures, same answers.
+"""The Numba backend: compiled twins of the reference's hot operations (layers.py), same signatures, same answers.
 
-Chosen by `minigemma.load(..., backend="numba")`, `MINIGEMMA_BACKEND=numba` or `--backend numba` (the default
-where Numba imports; see kernels.use_backend). Only these get a twin:
+Chosen by `minigemma.load(..., backend="numba")` or `--backend numba` (the command line's default); kernels.py
+makes the Backend value from the functions here. This module imports the reference (to mirror it and to fall
+back on it), never the dispatcher. Only these get a twin:
 
     linear(x, w)        one-token products (decode): a matrix-vector kernel per weight type (float32,
                         bfloat16/float16, and int8/int4 in the packed layouts of weights.py, Int8x64 and
@@ -15,8 +16,8 @@ where Numba imports; see kernels.use_backend). Only these get a twin:
     rms_norm(x, w, eps) one pass per row (decode makes ~110 of these small calls per token)
 
 Which threads: decode's kernels run `prange` loops on Numba's threads; prefill's products run on OpenBLAS's,
-so the kernels used in prefill (tiles, RMSNorm) stay on one thread, and minigemma/__init__.py makes OpenBLAS's
-worker stop spinning soon after its work (docs/kernels.md, "Threads").
+so the kernels used in prefill (tiles, RMSNorm) stay on one thread, and the command line (minigemma/__main__.py)
+makes OpenBLAS's worker stop spinning soon after its work (docs/kernels.md, "Threads").
 
 Rules the kernels follow (docs/kernels.md):
   * each has a header with the math and the shapes, like the NumPy twin it mirrors;
@@ -44,8 +45,9 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from . import kernels as reference
-from .weights import BLOCK_BYTES, GROUP, ROWS, Float16Bits, Int4, Int4x64, Int8, Int8x64
+from . import layers as reference
+from .packed import ROWS, Int4x64, Int8x64
+from .weights import BLOCK_BYTES, GROUP, Float16Bits, Int4, Int8
 
 f32 = np.float32
 FAST = {"reassoc", "contract"}  # reorder sums, fuse multiply-adds; nothing that changes -inf or NaN
@@ -349,7 +351,7 @@ def flash_attention(q, k, v, q_pos, k_pos, window, scale, cap, out):
                 out[h, t0 + i, e] = acc[i, e] / run_sum[i]
 
 
-# ---- the twins of kernels.py ----------------------------------------------------------------------------------
+# ---- the twins of the reference (layers.py) -------------------------------------------------------------------
 
 def _bits(a: np.ndarray) -> np.ndarray:
     """fp16 arrays as their uint16 bit patterns (a view): what the kernels take."""
@@ -357,7 +359,7 @@ def _bits(a: np.ndarray) -> np.ndarray:
 
 
 def linear(x: np.ndarray, w) -> np.ndarray:
-    """x @ w.T, as kernels.linear. Shapes: (T, in), (out, in) -> (T, out) float32"""
+    """x @ w.T, as layers.linear. Shapes: (T, in), (out, in) -> (T, out) float32"""
     x = np.ascontiguousarray(x, dtype=f32)
     T = x.shape[0]
     if isinstance(w, np.ndarray):
@@ -381,7 +383,7 @@ def linear(x: np.ndarray, w) -> np.ndarray:
         out = np.empty((T, w.shape[0]), f32)
         _run(f16bits_matvec, x, _bits(w.data), w.dtype == "bfloat16", out)
         return out
-    return reference.REFERENCE["linear"](x, w)  # 16-bit prefill (a tile widened by NumPy, then BLAS), unpacked types
+    return reference.linear(x, w)  # 16-bit prefill (a tile widened by NumPy, then BLAS), unpacked types
 
 
 def _tiled_matmul(x: np.ndarray, w, out: np.ndarray) -> None:
@@ -417,8 +419,11 @@ def _scratch(size: int) -> np.ndarray:
     return buf[:size]
 
 
+embedding_rows = reference.embedding_rows  # a gather: the packed layouts' `take` is already the fast path
+
+
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """As kernels.rms_norm. Shapes: (..., N), (N,) -> (..., N) float32"""
+    """As layers.rms_norm. Shapes: (..., N), (N,) -> (..., N) float32"""
     x = np.ascontiguousarray(x, dtype=f32)
     out = np.empty(x.shape, f32)
     N = x.shape[-1]
@@ -431,7 +436,7 @@ BLAS_TILE = 256  # queries and keys per tile of attention_tiles: (K, G*256, 256)
 
 
 def attention(q, k, v, q_positions, k_positions, window, scale, cap) -> np.ndarray:
-    """As kernels.attention. Shapes: q (H, T, Dh), k, v (K, S, Dh), (T,), (S,) -> (H, T, Dh)"""
+    """As layers.causal_attention. Shapes: q (H, T, Dh), k, v (K, S, Dh), (T,), (S,) -> (H, T, Dh)"""
     if q.shape[1] >= BLAS_ATTENTION_MIN_T:
         return attention_tiles(q, k, v, q_positions, k_positions, window, scale, cap)
     return attention_flash(q, k, v, q_positions, k_positions, window, scale, cap)
@@ -451,7 +456,7 @@ def attention_flash(q, k, v, q_positions, k_positions, window, scale, cap) -> np
 
 def attention_tiles(q, k, v, q_positions, k_positions, window, scale, cap, tile: int = BLAS_TILE) -> np.ndarray:
     """Prefill attention: flash_attention's online softmax, one tile of queries x one tile of keys at a time,
-    with each tile's two products done by BLAS sgemm (as kernels.attention; NumPy, no Numba).
+    with each tile's two products done by BLAS sgemm (as layers.causal_attention; NumPy, no Numba).
 
     The same FlashAttention recurrence as flash_attention, on blocks instead of single queries: per tile of
     queries, walk the tiles of keys they can see, keeping for each query the running maximum m, the running
@@ -503,7 +508,7 @@ def attention_tiles(q, k, v, q_positions, k_positions, window, scale, cap, tile:
 
 def prepare(w):
     """The layout these kernels read fastest: int8 and int4 matrices repacked 64 rows side by side
-    (weights.Int8x64 / Int4x64; same bytes). Other types are used as they are."""
+    (packed.Int8x64 / Int4x64; same bytes). Other types are used as they are."""
     if isinstance(w, Int8):
         return Int8x64.pack(w)
     if isinstance(w, Int4):
@@ -548,9 +553,10 @@ def _cached(kernel) -> bool:
 
 
 def configure() -> None:
-    """Called when the backend is chosen (kernels.use_backend)."""
+    """Called once, when this backend is first chosen (kernels.get): the process settings its kernels want."""
     if os.environ.get("NUMBA_DISABLE_JIT", "0") in ("", "0"):
         choose_threads()
+    keep_freed_memory()
 
 
 def choose_threads() -> None:
@@ -589,3 +595,28 @@ def _openblas_one_thread() -> bool:
                 getattr(lib, name)(1)
                 return True
     return False
+
+
+def keep_freed_memory() -> None:
+    """Let glibc's malloc keep freed arrays of up to 64 MB for reuse instead of giving them back to the OS.
+
+    A forward pass makes temporaries of a few MB each (activations, products, the GELU's terms). By default
+    glibc serves big requests with fresh mmap pages and trims its heap as soon as 8 MB or so are free at the
+    top, so the next pass touches new pages again: a page fault per 4 KB (about a fifth of a 500-token prefill;
+    docs/performance.md). This is what MALLOC_MMAP_THRESHOLD_=64M MALLOC_TRIM_THRESHOLD_=256M would do. It is
+    process-wide: a long-running process may keep up to 256 MB of freed memory. Left alone if either variable
+    is set, if GLIBC_TUNABLES tunes malloc, or with MINIGEMMA_KEEP_FREED_MEMORY=0. Linux with glibc only;
+    elsewhere nothing happens."""
+    if any(f"MALLOC_{k}_THRESHOLD_" in os.environ for k in ("MMAP", "TRIM")) \
+            or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "") \
+            or os.environ.get("MINIGEMMA_KEEP_FREED_MEMORY", "1").strip() == "0":
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
+        libc.mallopt(M_MMAP_THRESHOLD, 64 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 256 << 20)
+    except (OSError, AttributeError):
+        pass  # not glibc

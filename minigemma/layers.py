@@ -3,29 +3,66 @@
 Shapes use the glossary in config.py (T new tokens, S attended positions, D hidden, H query heads,
 K kv heads, G = H/K, Dh head dim, F MLP width, V vocab). Everything is computed in float32: the norms,
 softmax and RoPE must be (transformers#29402, #29285), and keeping one dtype keeps the reference simple.
+
+This module is the NumPy reference backend and a leaf: it imports nothing else of minigemma's but the weight
+types. `linear`, `embedding_rows`, `causal_attention` and `rms_norm` are the hot operations; a model runs them
+through its backend (kernels.py), which is either these functions or their Numba twins (kernels_numba.py).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from . import kernels
+from .weights import block_rows
 
 f32 = np.float32
 
 
-def embed(token_ids: np.ndarray, table: np.ndarray, scale: float) -> np.ndarray:
+def linear(x: np.ndarray, w) -> np.ndarray:
+    """x @ w.T, a bias-free linear layer with the weight stored (out, in) as in Hugging Face and GGUF.
+
+    `w` is a float32 ndarray or any weight type of weights.py (16-bit, int8, int4). For a stored type this is
+    the readable definition: dequantize a block of rows to float32, multiply, move on. It never widens a whole
+    matrix at once: a float16 LM head of the 270M model widened in full would be 670 MB per token.
+
+    Shapes: (T, in), (out, in) -> (T, out) float32
+    """
+    if isinstance(w, np.ndarray):
+        return x @ w.T
+    out_features, in_features = w.shape
+    out = np.empty((x.shape[0], out_features), f32)
+    step = block_rows(in_features)
+    for start in range(0, out_features, step):
+        stop = min(start + step, out_features)
+        out[:, start:stop] = x @ w.rows(start, stop).T  # (T, in) @ (in, R) -> (T, R)
+    return out
+
+
+def embedding_rows(table, token_ids: np.ndarray) -> np.ndarray:
+    """The rows of the embedding table for these token ids, as float32, whatever the table's weight type.
+
+    Shapes: (V, D), (T,) int -> (T, D)
+    """
+    if isinstance(table, np.ndarray):
+        return table[token_ids].astype(f32, copy=False)
+    if hasattr(table, "take"):  # the Numba backend's packed layouts gather rows directly (packed.Int8x64)
+        return table.take(token_ids)
+    return np.concatenate([table.rows(i, i + 1) for i in np.asarray(token_ids).tolist()])
+
+
+def embed(token_ids: np.ndarray, table: np.ndarray, scale: float, rows=embedding_rows) -> np.ndarray:
     """Look up token embeddings and multiply by sqrt(D).
 
     Gemma scales embeddings by sqrt(hidden_size) because the same matrix is the (tied) output head.
     transformers casts the scale to the weight dtype before multiplying, so in bf16 sqrt(3072) becomes 55.5
     (huggingface/transformers#29402); in float32, as here, it is the float32 square root.
 
-    The table may be stored in any weight type (kernels.embedding_rows reads the rows as float32).
+    The table may be stored in any weight type: `rows` (embedding_rows, or a backend's twin) reads the rows
+    as float32.
 
     Shapes: (T,) int, (V, D) -> (T, D)
     """
-    return kernels.embedding_rows(table, token_ids) * f32(scale)
+    return rows(table, token_ids) * f32(scale)
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -141,6 +178,19 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray,
     return out.reshape(H, T, Dh)  # (K, G*T, Dh) -> (H, T, Dh)
 
 
+def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_positions: np.ndarray,
+                     k_positions: np.ndarray, window: int | None, scale: float, cap: float | None) -> np.ndarray:
+    """Attention of queries at `q_positions` over keys at `k_positions`: causal, and on a sliding layer only
+    the last `window` positions (attention_mask); then scale, soft-cap, mask, softmax (attention).
+
+    This is the form a backend's attention takes: positions in, not a mask, so that a fast kernel can skip
+    the keys a query cannot see instead of building the (T, S) mask.
+
+    Shapes: q (H, T, Dh), k, v (K, S, Dh), (T,), (S,) -> (H, T, Dh)
+    """
+    return attention(q, k, v, attention_mask(q_positions, k_positions, window), scale, cap)
+
+
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
     """GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
 
@@ -152,9 +202,10 @@ def gelu_tanh(x: np.ndarray) -> np.ndarray:
     return f32(0.5) * x * (f32(1.0) + np.tanh(f32(np.sqrt(2.0 / np.pi)) * (x + f32(0.044715) * x * x * x)))
 
 
-def mlp(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> np.ndarray:
-    """GeGLU feed-forward: down(gelu_tanh(gate(x)) * up(x)), no biases.
+def mlp(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray, linear=linear) -> np.ndarray:
+    """GeGLU feed-forward: down(gelu_tanh(gate(x)) * up(x)), no biases. `linear` is this module's, or a
+    backend's twin.
 
     Shapes: (T, D), gate/up (F, D), down (D, F) -> (T, D)
     """
-    return kernels.linear(gelu_tanh(kernels.linear(x, gate)) * kernels.linear(x, up), down)  # (T, F) -> (T, D)
+    return linear(gelu_tanh(linear(x, gate)) * linear(x, up), down)  # (T, F) -> (T, D)

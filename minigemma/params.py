@@ -12,7 +12,6 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from . import kernels
 from .config import GemmaConfig
 from .errors import ModelFileError
 from .weights import StoredTensor, nbytes, storage_for, to_weight
@@ -106,14 +105,15 @@ LAYER_PREFIX = {"hf": "model.layers.{}.", "gguf": "blk.{}."}
 
 def build_params(config: GemmaConfig, tensors: Mapping[str, StoredTensor], column: str, source: str,
                  ignore: Iterable[str] = (), quantize: str | None = None, dtype: str | None = None,
-                 done: Callable[[], None] = lambda: None) -> Params:
+                 prepare: Callable = lambda w: w, done: Callable[[], None] = lambda: None) -> Params:
     """Fill Params from a file's tensors, by the names in one column ("hf" or "gguf") of the table.
 
     `tensors` maps each name in the file to a StoredTensor (weights.py): its shape is checked before anything
     is read, then it is read straight into its storage (float32, or `quantize` / `dtype` for matrices), one
     tensor at a time, so no float32 copy of the whole model ever exists. A missing tensor, a wrong shape, or
     a tensor the table does not name (other than those in `ignore`) is an error naming it: a silent mismatch
-    here would give a model that runs and talks nonsense. `done` is called after each tensor (progress bars).
+    here would give a model that runs and talks nonsense. `prepare` puts each weight in the layout of the
+    backend that will run it (Backend.prepare); `done` is called after each tensor (progress bars).
     """
     used: set[str] = set()
 
@@ -133,7 +133,7 @@ def build_params(config: GemmaConfig, tensors: Mapping[str, StoredTensor], colum
             raise
         except ValueError as e:  # e.g. a GGML type we can't dequantize, or a width int8 can't group
             raise ModelFileError(f"{source}: tensor {name}: {e}") from None
-        weight = kernels.prepare(weight)  # the layout the backend's kernels read best (kernels_numba.prepare)
+        weight = prepare(weight)  # the layout the backend's kernels read best (kernels_numba.prepare)
         done()
         return weight
 

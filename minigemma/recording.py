@@ -43,7 +43,7 @@ import contextlib
 
 import numpy as np
 
-from . import kernels, layers
+from . import layers
 
 _recording: "Recording | None" = None  # the active recording, or None when recording is off
 
@@ -115,8 +115,8 @@ def logit_lens(model, hidden: np.ndarray) -> np.ndarray:
 
     Shapes: (..., D) -> (..., V)
     """
-    c, p = model.config, model.params
-    x = kernels.rms_norm(hidden, p.final_norm, c.rms_norm_eps)
+    c, p, ops = model.config, model.params, model.backend
+    x = ops.rms_norm(hidden, p.final_norm, c.rms_norm_eps)
     shape = x.shape
-    logits = kernels.linear(x.reshape(-1, shape[-1]), p.embed)  # tied head: (N, D) -> (N, V)
+    logits = ops.linear(x.reshape(-1, shape[-1]), p.embed)  # tied head: (N, D) -> (N, V)
     return layers.softcap(logits, c.final_logit_softcapping).reshape(*shape[:-1], -1)

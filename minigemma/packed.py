@@ -1,0 +1,147 @@
+"""The Numba backend's weight layouts: Int8 and Int4 (weights.py) with 64 output rows interleaved.
+
+Only the Numba backend uses these (kernels_numba.prepare packs a matrix as it loads); the NumPy reference reads
+the plain types of weights.py. Each packed type still has `shape`, `nbytes` and `rows(start, stop)`, so the
+reference `layers.linear` can read it too (slowly), and `take(ids)` for the embedding lookup.
+
+Also here: `release_pages`, which hands the pages of a memory-mapped file back to the OS once a tensor has been
+converted (the loaders and the packing use it).
+"""
+
+from __future__ import annotations
+
+import mmap
+from dataclasses import dataclass
+
+import numpy as np
+
+from .weights import GROUP, Int4, Int8
+
+# A matrix-vector product over Int8 walks one row at a time: per group, 32 products summed into one number.
+# That horizontal sum is what a CPU does worst; the obvious Numba loop reads int8 weights at ~4 GB/s. The
+# packed layouts below store 64 output rows side by side ("interleaved"): for group g and element j, the 64
+# weights of rows 64b..64b+63 are 64 consecutive bytes. The kernel's innermost loop then runs across those
+# 64 rows with one input value broadcast: 64 independent sums, no horizontal sum, one cache line per step
+# (kernels_numba.py). Same bytes per weight as the unpacked form: the scales stay fp16, only reordered.
+# Rows are padded with zeros up to a multiple of 64 (never needed for Gemma's shapes); `shape` is the
+# logical one.
+
+ROWS = 64  # output rows interleaved in one block of the packed layouts
+
+
+def _interleave(a: np.ndarray, blocks: int) -> np.ndarray:
+    """(out, G, ...) -> (blocks, G, ..., 64): row 64b + r goes to [b, ..., r]. Rows past `out` are zeros.
+
+    Copies a few blocks at a time into the preallocated result, so packing a Q8_0 view of a memory-mapped
+    file never makes a second full-size temporary."""
+    out_rows, rest = a.shape[0], a.shape[1:]
+    packed = np.zeros((blocks,) + rest + (ROWS,), a.dtype)
+    step = 256  # blocks per copy: 16k rows
+    for b0 in range(0, blocks, step):
+        b1 = min(b0 + step, blocks)
+        part = a[b0 * ROWS:b1 * ROWS]  # (R, G, ...), R <= (b1 - b0) * 64 at the end of the matrix
+        full = (b1 - b0) * ROWS
+        if len(part) < full:
+            part = np.concatenate([part, np.zeros((full - len(part),) + rest, a.dtype)])
+        part = part.reshape((b1 - b0, ROWS) + rest)  # (nb, 64, G, ...)
+        packed[b0:b1] = np.moveaxis(part, 1, -1)  # (nb, 64, G, ...) -> (nb, G, ..., 64)
+        release_pages(a[b0 * ROWS:b1 * ROWS])  # read once: a view of a mapped file need not stay in memory
+    return packed
+
+
+def release_pages(view: np.ndarray) -> None:
+    """If `view` looks into a memory-mapped file, tell the OS this process is done with those pages.
+
+    Reading a view of a mapped file (a GGUF Q8_0 tensor) makes its pages part of the process's resident
+    memory until the file is unmapped. After repacking, the view is not read again, so madvise(DONTNEED)
+    hands the pages back: they stay in the OS page cache (reading the view again would simply fault them
+    back in), but no longer count twice in peak memory. Anything not backed by an mmap is left alone."""
+    root = view
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    if not isinstance(root.base, mmap.mmap) or not hasattr(root.base, "madvise") or view.size == 0:
+        return
+    mapped = np.frombuffer(root.base, np.uint8)  # the whole mapping, to learn its address
+    offset = view.__array_interface__["data"][0] - mapped.__array_interface__["data"][0]
+    span = sum((n - 1) * abs(st) for n, st in zip(view.shape, view.strides)) + view.itemsize
+    if any(st < 0 for st in view.strides):
+        return
+    first = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the view only
+    last = (offset + span) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        root.base.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
+def _deinterleave(a: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """The inverse of _interleave for rows start..stop-1: (blocks, G, ..., 64) -> (stop - start, G, ...)."""
+    b0, b1 = start // ROWS, -(-stop // ROWS)
+    rows = np.moveaxis(a[b0:b1], -1, 1)  # (nb, G, ..., 64) -> (nb, 64, G, ...)
+    rows = rows.reshape((-1,) + rows.shape[2:])  # (nb * 64, G, ...)
+    return rows[start - b0 * ROWS:stop - b0 * ROWS]
+
+
+@dataclass
+class Int8x64:
+    """Int8 with 64 rows interleaved: q[b, g, j, r] is element 32g + j of row 64b + r, scaled by d[b, g, r]."""
+
+    q: np.ndarray  # (out/64, in/32, 32, 64) int8
+    d: np.ndarray  # (out/64, in/32, 64) float16
+    out_rows: int  # logical number of rows (the last block may be zero padding)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.out_rows, self.q.shape[1] * GROUP
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.size + 2 * self.d.size
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Shapes: -> (stop - start, in) float32"""
+        return Int8(_deinterleave(self.q, start, stop), _deinterleave(self.d, start, stop)).rows(0, stop - start)
+
+    def take(self, ids: np.ndarray) -> np.ndarray:
+        """Rows `ids` (any order) as float32, for the embedding lookup. Shapes: (T,) -> (T, in)"""
+        ids = np.asarray(ids)
+        q = self.q[ids // ROWS, :, :, ids % ROWS].astype(np.float32)  # (T, G, 32)
+        q *= self.d[ids // ROWS, :, ids % ROWS][..., None].astype(np.float32)
+        return q.reshape(len(ids), -1)
+
+    @classmethod
+    def pack(cls, w: Int8) -> "Int8x64":
+        blocks = -(-w.shape[0] // ROWS)
+        return cls(_interleave(w.q, blocks), _interleave(w.d, blocks), w.shape[0])
+
+
+@dataclass
+class Int4x64:
+    """Int4 with 64 rows interleaved: byte nibbles[b, g, j, r] holds elements 32g + j (low nibble) and
+    32g + j + 16 (high nibble) of row 64b + r; that row's group g has scale d[b, g, r] and minimum m[b, g, r]."""
+
+    nibbles: np.ndarray  # (out/64, in/32, 16, 64) uint8
+    d: np.ndarray  # (out/64, in/32, 64) float16
+    m: np.ndarray  # (out/64, in/32, 64) float16
+    out_rows: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.out_rows, self.nibbles.shape[1] * GROUP
+
+    @property
+    def nbytes(self) -> int:
+        return self.nibbles.size + 2 * self.d.size + 2 * self.m.size
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Shapes: -> (stop - start, in) float32"""
+        return Int4(*(_deinterleave(a, start, stop) for a in (self.nibbles, self.d, self.m))).rows(0, stop - start)
+
+    def take(self, ids: np.ndarray) -> np.ndarray:
+        """Rows `ids` as float32. Shapes: (T,) -> (T, in)"""
+        ids = np.asarray(ids)
+        b, r = ids // ROWS, ids % ROWS
+        return Int4(self.nibbles[b, :, :, r], self.d[b, :, r], self.m[b, :, r]).rows(0, len(ids))
+
+    @classmethod
+    def pack(cls, w: Int4) -> "Int4x64":
+        blocks = -(-w.shape[0] // ROWS)
+        return cls(_interleave(w.nibbles, blocks), _interleave(w.d, blocks), _interleave(w.m, blocks), w.shape[0])
