@@ -47,7 +47,7 @@ from numba import njit, prange
 
 from . import layers as reference
 from .packed import ROWS, Int4x64, Int8x64
-from .weights import BLOCK_BYTES, GROUP, Float16Bits, Int4, Int8
+from .weights import BLOCK_BYTES, GROUP, Float16Bits, Int4, Int8, LoRA
 
 f32 = np.float32
 FAST = {"reassoc", "contract"}  # reorder sums, fuse multiply-adds; nothing that changes -inf or NaN
@@ -362,6 +362,8 @@ def linear(x: np.ndarray, w) -> np.ndarray:
     """x @ w.T, as layers.linear. Shapes: (T, in), (out, in) -> (T, out) float32"""
     x = np.ascontiguousarray(x, dtype=f32)
     T = x.shape[0]
+    if isinstance(w, LoRA):  # the frozen base through its kernel, plus the small low-rank branch (NumPy)
+        return linear(x, w.base) + reference.lora_update(x, w)
     if isinstance(w, np.ndarray):
         if T <= MATVEC_MAX_T and w.dtype == f32 and w.flags.c_contiguous:
             out = np.empty((T, w.shape[0]), f32)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .weights import block_rows
+from .weights import LoRA, block_rows
 
 f32 = np.float32
 
@@ -25,10 +25,14 @@ def linear(x: np.ndarray, w) -> np.ndarray:
     the readable definition: dequantize a block of rows to float32, multiply, move on. It never widens a whole
     matrix at once: a float16 LM head of the 270M model widened in full would be 670 MB per token.
 
+    A LoRA weight (weights.LoRA) is its base product plus the low-rank update, never a merged matrix.
+
     Shapes: (T, in), (out, in) -> (T, out) float32
     """
     if isinstance(w, np.ndarray):
         return x @ w.T
+    if isinstance(w, LoRA):
+        return linear(x, w.base) + lora_update(x, w)
     out_features, in_features = w.shape
     out = np.empty((x.shape[0], out_features), f32)
     step = block_rows(in_features)
@@ -36,6 +40,11 @@ def linear(x: np.ndarray, w) -> np.ndarray:
         stop = min(start + step, out_features)
         out[:, start:stop] = x @ w.rows(start, stop).T  # (T, in) @ (in, R) -> (T, R)
     return out
+
+
+def lora_update(x: np.ndarray, w: LoRA) -> np.ndarray:
+    """The LoRA branch of a linear layer: scale * (x @ A.T) @ B.T. Shapes: (T, in) -> (T, r) -> (T, out)"""
+    return (x @ w.A.T) @ (np.float32(w.scale) * w.B).T
 
 
 def embedding_rows(table, token_ids: np.ndarray) -> np.ndarray:

@@ -200,6 +200,35 @@ class Int4:
                    m=blocks[..., 2:4].view("<f2")[..., 0])
 
 
+@dataclass
+class LoRA:
+    """A frozen weight plus a trainable low-rank update (Hu et al. 2021, "LoRA"): W + scale * B @ A.
+
+    `base` is any weight type here (float32, 16-bit, int8, int4: int8/int4 bases make QLoRA); only A and B
+    are trained. The product is never formed as a matrix: x @ (W + s B A).T = x @ W.T + s (x @ A.T) @ B.T,
+    so a rank-8 update of a 640 x 2048 matrix costs 8 * (640 + 2048) multiply-adds per token, not a second
+    matrix. PEFT's names: A is `lora_A` (r, in), B is `lora_B` (out, r), scale = lora_alpha / r.
+    """
+
+    base: object  # (out, in) any weight type
+    A: np.ndarray  # (r, in) float32
+    B: np.ndarray  # (out, r) float32
+    scale: float  # lora_alpha / r
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.base.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.base.nbytes) + self.A.nbytes + self.B.nbytes
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Shapes: -> (stop - start, in) float32: the merged rows W + scale * B A"""
+        base = self.base[start:stop] if isinstance(self.base, np.ndarray) else self.base.rows(start, stop)
+        return base + np.float32(self.scale) * (self.B[start:stop] @ self.A)
+
+
 def _fp16_round(x: np.ndarray) -> np.ndarray:
     """x rounded to the fp16 value it will be stored as, back in float32."""
     return x.astype(np.float16).astype(np.float32)
