@@ -52,7 +52,8 @@ CONFIGS = {
 WORKER = r"""
 import sys
 if sys.argv[1] == "minigemma":
-    import minigemma  # first, as `python -m minigemma` does: its thread settings precede NumPy's OpenBLAS
+    import os  # first, as `python -m minigemma` does: OpenBLAS reads this when NumPy is imported (docs/kernels.md)
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "10")
 import json, os, resource, time
 side, options, lengths, long_len = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
 import numpy as np

@@ -18,8 +18,9 @@ import time
 
 import numpy as np
 
-from minigemma import kernels, kernels_numba
-from minigemma.weights import Float16Bits, Int4, Int4x64, Int8, Int8x64
+from minigemma import kernels, kernels_numba, layers
+from minigemma.packed import Int4x64, Int8x64
+from minigemma.weights import Float16Bits, Int4, Int8
 
 SHAPES = {  # name: (out, in)
     "270M q_proj 1024x640": (1024, 640),
@@ -53,7 +54,7 @@ def main():
     parser.add_argument("--threads", type=int, default=None, help="Numba threads (default: Numba's)")
     parser.add_argument("--numpy", action="store_true", help="also time the NumPy reference (slow)")
     args = parser.parse_args()
-    kernels.use_backend("numba")
+    kernels.get("numba")  # the numba backend's process settings (threads on a busy machine, malloc)
     if args.threads:
         import numba
         numba.set_num_threads(args.threads)
@@ -74,7 +75,7 @@ def main():
             if args.numpy:
                 plain = weights({"int8": "int8 (Q8_0 layout)"}.get(kind, kind), dense) if kind != "int4" else \
                     Int4.from_float(dense)
-                tn = seconds(lambda: kernels.REFERENCE["linear"](x, plain), budget=0.3)
+                tn = seconds(lambda: layers.linear(x, plain), budget=0.3)
                 row += f" {plain.nbytes / tn / 1e9:.2f} |"
             print(row, flush=True)
         del dense
