@@ -89,8 +89,8 @@ def gelu_exact(x):
     return (0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))).astype(np.float32)
 
 
-def embed_unscaled(token_ids, table, scale):
-    return layers.embed(token_ids, table, 1.0)  # forgets * sqrt(D)
+def embed_unscaled(token_ids, table, scale, rows=layers.embedding_rows):
+    return layers.embed(token_ids, table, 1.0, rows)  # forgets * sqrt(D)
 
 
 def attention_probs_cap_after_mask(q, k, mask, scale, cap):
