@@ -64,12 +64,12 @@ def write_checkpoint(folder: Path) -> Path:
             out[start:start + len(block)] = f32_to_bf16(block * np.float32(0.02))
         return out
 
-    names = [spec.hf for spec in MODEL_TENSORS] + [
+    names = [spec.hf for spec in MODEL_TENSORS if spec.when(config)] + [
         LAYER_PREFIX["hf"].format(i) + spec.hf
-        for i in range(config.num_hidden_layers) for spec in LAYER_TENSORS if spec.when(config)]
-    shapes = {spec.hf: spec.shape(config) for spec in MODEL_TENSORS}
-    shapes.update({LAYER_PREFIX["hf"].format(i) + spec.hf: spec.shape(config)
-                   for i in range(config.num_hidden_layers) for spec in LAYER_TENSORS if spec.when(config)})
+        for i in range(config.num_hidden_layers) for spec in LAYER_TENSORS if spec.when(config, i)]
+    shapes = {spec.hf: spec.shape(config) for spec in MODEL_TENSORS if spec.when(config)}
+    shapes.update({LAYER_PREFIX["hf"].format(i) + spec.hf: spec.shape(config, i)
+                   for i in range(config.num_hidden_layers) for spec in LAYER_TENSORS if spec.when(config, i)})
     weight_map, shard = {}, {}
     for name in names + [None]:
         if name is None or sum(a.nbytes for a in shard.values()) > 5e8:

@@ -43,9 +43,11 @@ def noise_threshold(num_tokens: int) -> float:
 
 
 # The steps in the order they happen (recording.py describes each). `probs` is recomputed from q and k.
-MODEL_STEPS_BEFORE = ("embed",)
+# Gemma 4 adds per_layer_inputs (E-series), router (the routing weights of each token's top-k experts) and
+# moe_out (dense MLP + experts, MoE models), per_layer_out (the per-layer input's residual branch).
+MODEL_STEPS_BEFORE = ("embed", "per_layer_inputs")
 LAYER_STEPS = ("attn_norm", "q", "k", "v", "probs", "attn_out", "post_attn_norm", "resid_mid", "mlp_norm",
-               "mlp_out", "post_mlp_norm", "resid")
+               "mlp_out", "router", "moe_out", "post_mlp_norm", "per_layer_out", "resid")
 MODEL_STEPS_AFTER = ("final_norm", "logits")
 
 # the name of the attention function registered with transformers' AttentionInterface
@@ -111,8 +113,9 @@ class Report:
             row = {d.step: d for d in self.differences if d.layer == layer}
             cells = "".join(f"{cell(row[s]) if s in row else '':>{width[s]}}" for s in steps)
             lines.append(f"{layer:>5}  {cells}  {lens(layer + 1)}")
-        for step in MODEL_STEPS_AFTER:
-            lines.append(f"{step:>10}: {cell(self.difference(None, step))}")
+        for step in MODEL_STEPS_BEFORE[1:] + MODEL_STEPS_AFTER:
+            if any(d.layer is None and d.step == step for d in self.differences):
+                lines.append(f"{step:>10}: {cell(self.difference(None, step))}")
         lines.append("")
         first = self.first_departure
         if first is None:
@@ -153,7 +156,8 @@ def compare(model, hf_model, token_ids, threshold: float | None = None) -> Repor
     for layer, step in keys:
         if (layer, step) not in theirs:  # e.g. post_attn_norm on Gemma 1
             continue
-        mine = rec.attention_probs(layer) if step == "probs" else ours[layer, step]
+        mine = (rec.attention_probs(layer) if step == "probs" else
+                ours[layer, "router_weights"] if step == "router" else ours[layer, step])
         differences.append(Difference(layer, step, *relative_difference(mine, theirs[layer, step])))
 
     # the logit lens on both residual streams, read the same way (our final norm and head) at the last position
@@ -199,20 +203,41 @@ def transformers_intermediates(hf_model, token_ids) -> dict:
                 keep(layer, output_step, output[0] if isinstance(output, tuple) else output)
         return fn
 
+    def router_hook(layer):  # Gemma4TextRouter returns (probabilities, top-k weights, top-k experts)
+        def fn(module, args, output):
+            keep(layer, "router", output[1][None])
+        return fn
+
     decoder = hf_model.get_decoder()  # the Gemma*TextModel: embed_tokens, layers, norm
     handles = [decoder.embed_tokens.register_forward_hook(hook(None, "embed")),
                decoder.norm.register_forward_hook(hook(None, "final_norm"))]
+    if getattr(decoder, "hidden_size_per_layer_input", 0):  # Gemma 4 E-series: a method, not a module
+        project = decoder.project_per_layer_inputs
+
+        def recording_project(*args, **kwargs):
+            out = project(*args, **kwargs)
+            keep(None, "per_layer_inputs", out)
+            return out
+
+        decoder.project_per_layer_inputs = recording_project
     for i, layer in enumerate(decoder.layers):
-        sandwich = hasattr(layer, "pre_feedforward_layernorm")  # Gemma 2/3: four norms per block
-        mlp_norm = layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm
+        pre_ffw = hasattr(layer, "pre_feedforward_layernorm")  # Gemma 2/3/4, VaultGemma
+        post_norms = hasattr(layer, "post_feedforward_layernorm")  # not VaultGemma
+        mlp_norm = layer.pre_feedforward_layernorm if pre_ffw else layer.post_attention_layernorm
         handles += [layer.input_layernorm.register_forward_hook(hook(i, "attn_norm")),
                     layer.self_attn.register_forward_hook(hook(i, "attn_out")),
                     mlp_norm.register_forward_hook(hook(i, "mlp_norm", input_step="resid_mid")),
                     layer.mlp.register_forward_hook(hook(i, "mlp_out")),
                     layer.register_forward_hook(hook(i, "resid"))]
-        if sandwich:
+        if post_norms:
+            moe = getattr(layer, "enable_moe_block", False)  # the norm's input is the dense + experts sum
             handles += [layer.post_attention_layernorm.register_forward_hook(hook(i, "post_attn_norm")),
-                        layer.post_feedforward_layernorm.register_forward_hook(hook(i, "post_mlp_norm"))]
+                        layer.post_feedforward_layernorm.register_forward_hook(
+                            hook(i, "post_mlp_norm", input_step="moe_out" if moe else None))]
+        if getattr(layer, "enable_moe_block", False):
+            handles.append(layer.router.register_forward_hook(router_hook(i)))
+        if getattr(layer, "hidden_size_per_layer_input", 0):
+            handles.append(layer.post_per_layer_input_norm.register_forward_hook(hook(i, "per_layer_out")))
 
     previous = hf_model.config._attn_implementation
     hf_model.set_attn_implementation(HF_ATTENTION)
@@ -224,6 +249,7 @@ def transformers_intermediates(hf_model, token_ids) -> dict:
         hf_model.set_attn_implementation(previous)
         for h in handles:
             h.remove()
+        decoder.__dict__.pop("project_per_layer_inputs", None)  # the class's method again
     return values
 
 

@@ -1,4 +1,4 @@
-"""Load a GGUF file written by llama.cpp's converter (architectures gemma, gemma2, gemma3).
+"""Load a GGUF file written by llama.cpp's converter (architectures gemma, gemma2, gemma3, gemma4).
 
 GGUF holds the weights (often block-quantized), the tokenizer vocabulary and some of the hyper-parameters.
 Three things need care (llama.cpp conversion/gemma.py and src/llama-model.cpp):
@@ -8,6 +8,9 @@ Three things need care (llama.cpp conversion/gemma.py and src/llama-model.cpp):
   * the metadata omits query_pre_attn_scalar, the local RoPE base and the sliding-window pattern; llama.cpp
     hard-codes them and so do we (below);
   * dims are listed fastest-first, so a tensor's NumPy shape is the reverse of its GGUF shape.
+Gemma 4 (llama.cpp conversion/gemma.py Gemma4Model) differs: its norms are stored as they are (its RMSNorm
+already multiplies by w), per-layer values are arrays (head_count_kv, feed_forward_length, the sliding-window
+pattern), and the proportional RoPE of its global layers is a tensor, rope_freqs (below).
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ from tqdm import tqdm
 
 from .config import GemmaConfig
 from .errors import ModelFileError
-from .params import Params, build_params
+from .params import GGUF_IGNORED, Params, build_params
 from .quants import SUPPORTED_TYPES, dequantize, symmetric_levels
 from .packed import release_pages
 from .weights import Float16Bits, Int4, Int8, StoredTensor
 
-ARCHITECTURES = ("gemma", "gemma2", "gemma3")
+ARCHITECTURES = ("gemma", "gemma2", "gemma3", "gemma4")
+MODEL_TYPES = {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text", "gemma4": "gemma4_text"}
 
 
 # GGUF metadata value types (gguf constants.py GGUFValueType): id -> (name, struct format of a scalar);
@@ -271,19 +275,18 @@ def config_from_gguf(reader, path: Path) -> GemmaConfig:
     if embed is None or len(embed.shape) != 2:
         raise ModelFileError(f"{path}: tensor token_embd.weight is missing (or not 2-D)")
     D, H, n = int(meta("embedding_length")), int(meta("attention.head_count")), int(meta("block_count"))
-    # What the file holds, under config.json's names. A key the file leaves out is left out here too, so
-    # GemmaConfig.from_hf_dict fills it with transformers' default for the model type: one place owns defaults.
-    optional = {"context_length": "max_position_embeddings", "rope.freq_base": "rope_theta",
-                # stored as float32 (9.99999997e-07 for 1e-6): the same number once we compute in float32
-                "attention.layer_norm_rms_epsilon": "rms_norm_eps"}
-    hf = {hf_key: number(reader, f"{arch}.{key}", path) for key, hf_key in optional.items()
+    # What the file holds, under config.json's names (OPTIONAL_METADATA). A key the file leaves out is left out
+    # here too, so GemmaConfig.from_hf_dict fills it with transformers' default for the model type: one place
+    # owns defaults.
+    hf = {hf_key: number(reader, f"{arch}.{key}", path) for key, hf_key in OPTIONAL_METADATA.items()
           if field(reader, f"{arch}.{key}") is not None}
-    tokens = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id", "padding_token_id": "pad_token_id"}
     hf.update({hf_key: int(number(reader, f"tokenizer.ggml.{key}", path, positive=False))
-               for key, hf_key in tokens.items()
-               if field(reader, f"tokenizer.ggml.{key}") is not None})
+               for key, hf_key in TOKEN_METADATA.items() if field(reader, f"tokenizer.ggml.{key}") is not None})
+    if arch == "gemma4":
+        hf.update(_gemma4_metadata(reader, path, n, H, D, int(embed.shape[1])))
+        return _to_config(hf, path)
     hf.update({
-        "model_type": {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text"}[arch],
+        "model_type": MODEL_TYPES[arch],
         "vocab_size": int(embed.shape[1]),  # GGUF lists token_embd as (D, V), fastest dim first
         "hidden_size": D,
         "intermediate_size": int(meta("feed_forward_length")),
@@ -299,49 +302,151 @@ def config_from_gguf(reader, path: Path) -> GemmaConfig:
         raise ModelFileError(f"{path}: rope scaling {scaling!r} is not supported (only linear)")
     if scaling == "linear":  # config.py applies it to Gemma 3's global layers only, as llama.cpp does
         hf["rope_scaling"] = {"rope_type": "linear", "factor": float(meta("rope.scaling.factor"))}
-
-    # Gemma 2's window and soft-caps, Gemma 3's window, when the file has them (if not, transformers' Gemma 2
-    # defaults 4096, 50 and 30 are also the values llama.cpp assumes)
-    for key, hf_key in (("attention.sliding_window", "sliding_window"),
-                        ("attn_logit_softcapping", "attn_logit_softcapping"),
-                        ("final_logit_softcapping", "final_logit_softcapping")):
-        if arch != "gemma" and field(reader, f"{arch}.{key}") is not None:
-            hf[hf_key] = number(reader, f"{arch}.{key}", path)
-
-    # What GGUF does not store, llama.cpp hard-codes (src/llama-model.cpp), and so do we:
-    #  - the layer pattern: Gemma 2 alternates sliding/global from layer 0 (set_swa_pattern(2), also
-    #    config.py's legacy default for gemma2); Gemma 3 has every 6th layer global (set_swa_pattern(6));
-    #  - Gemma 3's sliding layers use RoPE base 10000 (rope_freq_base_train_swa);
-    #  - the attention scale: 1/sqrt(head_dim), except on the 27B models, 1/sqrt(D/H), which llama.cpp
-    #    recognises by layer count (46 for Gemma 2 27B, 62 for Gemma 3 27B).
-    if arch != "gemma":
-        is_27b = (arch, n) in (("gemma2", 46), ("gemma3", 62))
-        hf["query_pre_attn_scalar"] = D // H if is_27b else hf["head_dim"]
+    if arch != "gemma":  # Gemma 1 has no window and no caps, whatever a file says
+        hf.update({hf_key: number(reader, f"{arch}.{key}", path) for key, hf_key in WINDOW_METADATA.items()
+                   if field(reader, f"{arch}.{key}") is not None})
     if arch == "gemma3":
         meta("attention.sliding_window")  # required: Gemma 3 GGUF files always carry it
-        hf["sliding_window_pattern"] = 6
-        hf["rope_local_base_freq"] = 10_000.0
+    if arch != "gemma":
+        hf["query_pre_attn_scalar"] = D // H if (arch, n) in SCALE_BY_D_OVER_H else hf["head_dim"]
+    hf.update(HARD_CODED[arch])
+    return _to_config(hf, path)
+
+
+# GGUF metadata key (under "{arch}.") -> config.json field, taken when the file has it
+OPTIONAL_METADATA = {
+    "context_length": "max_position_embeddings",
+    "rope.freq_base": "rope_theta",  # the global layers' base
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps",  # stored as float32 (9.99999997e-07 for 1e-6)
+}
+TOKEN_METADATA = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id", "padding_token_id": "pad_token_id"}
+# Gemma 2's window and soft-caps, Gemma 3's window, when the file has them (if not, transformers' Gemma 2
+# defaults 4096, 50 and 30 are also the values llama.cpp assumes)
+WINDOW_METADATA = {"attention.sliding_window": "sliding_window", "attn_logit_softcapping": "attn_logit_softcapping",
+                   "final_logit_softcapping": "final_logit_softcapping"}
+
+# What GGUF does not store, llama.cpp hard-codes (src/llama-model.cpp), and so do we, as data:
+#  - the layer pattern: Gemma 2 alternates sliding/global from layer 0 (set_swa_pattern(2); config.py's legacy
+#    default for gemma2, so nothing to add); Gemma 3 has every 6th layer global (set_swa_pattern(6));
+#  - Gemma 3's sliding layers use RoPE base 10000 (rope_freq_base_train_swa).
+HARD_CODED = {
+    "gemma": {},
+    "gemma2": {},
+    "gemma3": {"sliding_window_pattern": 6, "rope_local_base_freq": 10_000.0},
+}
+# The attention scale is 1/sqrt(head_dim) except on the 27B models, 1/sqrt(D/H), which llama.cpp recognises by
+# (architecture, layer count): 46 for Gemma 2 27B, 62 for Gemma 3 27B.
+SCALE_BY_D_OVER_H = {("gemma2", 46), ("gemma3", 62)}
+
+
+def _to_config(hf: dict, path: Path) -> GemmaConfig:
     try:
         return GemmaConfig.from_hf_dict(hf)
     except (ValueError, TypeError, KeyError, ZeroDivisionError) as e:  # values of the wrong kind or range
         raise ModelFileError(f"{path}: {e}") from None
 
 
+def per_layer(reader, key: str, path: Path, n: int) -> list | None:
+    """A metadata value that may be one number or an array of one per layer (Gemma 4: head_count_kv,
+    feed_forward_length), as a list of n numbers; None if absent."""
+    f = reader.fields.get(key)
+    if f is None:
+        return None
+    if f.types[0] != _ARRAY:
+        return [number(reader, key, path)] * n
+    values = f.contents()
+    if len(values) != n or len(f.types) != 2 or f.types[1] not in _NUMBERS | {7}:
+        raise ModelFileError(f"{path}: metadata {key} is not a number or an array of {n} (one per layer)")
+    return values
+
+
+def _gemma4_metadata(reader, path: Path, n: int, H: int, D: int, V: int) -> dict:
+    """Gemma 4's config.json fields from what llama.cpp's Gemma4Model writes (conversion/gemma.py):
+
+      key_length / key_length_swa    the global and the sliding layers' head dims
+      head_count_kv                  one kv-head count, or an array per layer when the global layers differ
+      feed_forward_length            F, or an array per layer: 2F on KV-shared layers (use_double_wide_mlp)
+      sliding_window_pattern         one bool per layer: true for sliding
+      rope.freq_base / _swa          the global and the sliding RoPE bases
+      attention.shared_kv_layers     num_kv_shared_layers
+      embedding_length_per_layer_input  P (0: no per-layer embeddings)
+      expert_count, expert_used_count, expert_feed_forward_length   the MoE block
+    and, not in the metadata: the partial rotary factor of the global layers is the share of 1.0 entries in the
+    rope_freqs tensor (frequency factors: 1 rotates, 1e30 makes a pair's frequency ~0); attention_k_eq_v is
+    a global layer without attn_v; vocab_size_per_layer_input is per_layer_token_embd's row count.
+    """
+    def meta(key, default=None, positive=True):
+        value = number(reader, f"gemma4.{key}", path, default=default, positive=positive)
+        if value is None:
+            raise ModelFileError(f"{path}: metadata gemma4.{key} is missing")
+        return value
+
+    pattern = per_layer(reader, "gemma4.attention.sliding_window_pattern", path, n)
+    if pattern is None:
+        raise ModelFileError(f"{path}: metadata gemma4.attention.sliding_window_pattern is missing")
+    layer_types = ["sliding_attention" if swa else "full_attention" for swa in pattern]
+    kv = per_layer(reader, "gemma4.attention.head_count_kv", path, n) or [H] * n
+    ff = per_layer(reader, "gemma4.feed_forward_length", path, n)
+    if ff is None:
+        raise ModelFileError(f"{path}: metadata gemma4.feed_forward_length is missing")
+    shared = int(meta("attention.shared_kv_layers", 0, positive=False))
+    head_dim_full = int(meta("attention.key_length"))
+    head_dim_swa = int(meta("attention.key_length_swa", head_dim_full))
+    tensors = {t.name: t for t in reader.tensors}
+    full_layers = [i for i, t in enumerate(layer_types) if t == "full_attention"]
+    per_layer_config = {i: {"head_dim": head_dim_full, "num_key_value_heads": int(kv[i])} for i in full_layers}
+
+    rope_full = {"rope_type": "proportional", "rope_theta": float(meta("rope.freq_base"))}
+    if "rope_freqs.weight" in tensors:
+        try:
+            factors = GGUFTensor(tensors["rope_freqs.weight"]).read()
+        except ValueError as e:
+            raise ModelFileError(f"{path}: tensor rope_freqs.weight: {e}") from None
+        if factors.shape != (head_dim_full // 2,):
+            raise ModelFileError(f"{path}: tensor rope_freqs.weight has shape {factors.shape}, expected "
+                                 f"({head_dim_full // 2},): one frequency factor per pair of a global head")
+        rope_full["partial_rotary_factor"] = 2 * int(np.sum(factors == 1.0)) / head_dim_full
+    hf = {
+        "model_type": "gemma4_text", "vocab_size": V, "hidden_size": D, "num_hidden_layers": n,
+        "num_attention_heads": H, "head_dim": head_dim_swa, "layer_types": layer_types,
+        "num_key_value_heads": int(kv[layer_types.index("sliding_attention")] if "sliding_attention" in layer_types
+                                   else kv[0]),
+        "per_layer_config": per_layer_config,
+        "intermediate_size": int(ff[0]),
+        "use_double_wide_mlp": shared > 0 and int(ff[-1]) == 2 * int(ff[0]),
+        "num_kv_shared_layers": shared,
+        "rope_parameters": {"full_attention": rope_full,
+                            "sliding_attention": {"rope_type": "default",
+                                                  "rope_theta": float(meta("rope.freq_base_swa", 10_000.0))}},
+        "attention_k_eq_v": any(f"blk.{i}.attn_v.weight" not in tensors for i in full_layers if i < n - shared),
+        "hidden_size_per_layer_input": int(meta("embedding_length_per_layer_input", 0, positive=False)),
+    }
+    if field(reader, "gemma4.attention.sliding_window") is not None:
+        hf["sliding_window"] = int(meta("attention.sliding_window"))
+    if field(reader, "gemma4.final_logit_softcapping") is not None:
+        hf["final_logit_softcapping"] = float(meta("final_logit_softcapping"))
+    if "per_layer_token_embd.weight" in tensors:
+        hf["vocab_size_per_layer_input"] = int(tensors["per_layer_token_embd.weight"].shape[1])
+    if field(reader, "gemma4.expert_count"):
+        hf.update(enable_moe_block=True, num_experts=int(meta("expert_count")),
+                  top_k_experts=int(meta("expert_used_count")),
+                  moe_intermediate_size=int(meta("expert_feed_forward_length")))
+    return hf
+
+
 class GGUFTensor(StoredTensor):
     """One tensor of a GGUF file, read on demand (weights.StoredTensor).
 
     Its bytes are a view of the memory-mapped file, one row of blocks per matrix row, so a block of rows is
-    a slice. Every "*norm.weight" holds 1 + w (llama.cpp's converter): read() subtracts the 1 again."""
+    a slice. Norm gains are read as stored, the full multiplier (1 + w); params.build_params takes the 1 off.
+    A stacked (E, out, in) tensor of experts is read one expert at a time: rows(e, e + 1)."""
 
     def __init__(self, t):
         self.t, self.type = t, SUPPORTED_TYPES.get(int(t.tensor_type), str(int(t.tensor_type)))
         self.shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF dims are fastest-first
 
     def read(self) -> np.ndarray:
-        array = dequantize(self.t.data, self.t.tensor_type, self.shape)
-        if self.t.name.endswith("norm.weight"):
-            array = array - np.float32(1.0)  # the converter stored 1 + w; rms_norm adds the 1 itself
-        return array
+        return dequantize(self.t.data, self.t.tensor_type, self.shape)
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         view = self.t.data[start:stop]
@@ -403,6 +508,6 @@ def load_gguf_params(reader, config: GemmaConfig, path: Path, progress: bool = T
     try:
         # an "output.weight" would be an untied head: Gemma ties it and llama.cpp's converter skips it
         return build_params(config, {t.name: GGUFTensor(t) for t in reader.tensors}, "gguf", str(path),
-                            quantize=quantize, dtype=dtype, prepare=prepare, done=bar.update)
+                            ignore=GGUF_IGNORED, quantize=quantize, dtype=dtype, prepare=prepare, done=bar.update)
     finally:
         bar.close()

@@ -9,6 +9,11 @@ Global layers keep everything; a sliding-window layer keeps only the W-1 positio
 still see (a query at i sees i-W < j <= i), so its memory stays bounded however long the text: when its
 buffer fills up, the W-1 newest positions move to the front of a fresh buffer and the older ones are gone.
 
+Each layer's buffers have its own shape: Gemma 4's global layers have another head dim and kv-head count than
+its sliding ones. Gemma 4's KV-shared layers hold nothing of their own: their entry in `KVCache.layers` is
+their source layer's LayerCache (GemmaConfig.kv_source), and they read what it wrote in this pass
+(LayerCache.read): their keys and values are never computed, and never stored.
+
 All-or-nothing: a forward pass writes only past `length` (or into a new buffer), and `KVCache.length` is
 advanced once, when every layer is done (model.forward). An exception or Ctrl-C in the middle of a pass
 therefore leaves the cache as it was: what it holds up to `length` has not changed.
@@ -101,6 +106,18 @@ class LayerCache:
         seen = slice(lo - b.start, first + T - b.start)
         return b.k[seen].transpose(1, 0, 2), b.v[seen].transpose(1, 0, 2), np.arange(lo, first + T)
 
+    def read(self, positions: np.ndarray):
+        """What `update` returned for these positions' queries, for a layer that shares this cache (Gemma 4's
+        KV sharing): the committed keys and values plus those written past `length` earlier in this pass.
+
+        Shapes: (T,) -> k (K, S, Dh), v (K, S, Dh), positions (S,)
+        """
+        first, T = int(positions[0]), len(positions)
+        b = self._buf
+        lo = max(b.start, 0 if self.window is None else first - (self.window - 1))
+        seen = slice(lo - b.start, first + T - b.start)
+        return b.k[seen].transpose(1, 0, 2), b.v[seen].transpose(1, 0, 2), np.arange(lo, first + T)
+
     def nbytes(self) -> int:
         """Bytes of the allocated buffers (up to twice what is held, by the doubling)."""
         return self._buf.k.nbytes + self._buf.v.nbytes
@@ -114,8 +131,13 @@ class KVCache:
 
     def __init__(self, config):
         self._committed = _Committed()
-        self.layers = [LayerCache(config.num_key_value_heads, config.head_dim, config.layer_window(i),
-                                  self._committed) for i in range(config.num_hidden_layers)]
+        self.layers = []
+        for i in range(config.num_hidden_layers):
+            if config.kv_source(i) != i:  # Gemma 4 KV sharing: the source layer's cache itself, nothing new
+                self.layers.append(self.layers[config.kv_source(i)])
+            else:
+                self.layers.append(LayerCache(config.layer_kv_heads(i), config.layer_head_dim(i),
+                                              config.layer_window(i), self._committed))
 
     @property
     def length(self) -> int:
@@ -127,4 +149,19 @@ class KVCache:
         self._committed.value = int(value)  # one assignment: every layer sees the new length at once
 
     def nbytes(self) -> int:
-        return sum(c.nbytes() for c in self.layers)
+        return sum(c.nbytes() for c in {id(c): c for c in self.layers}.values())  # a shared cache counts once
+
+
+def kv_cache_bytes(config, length: int) -> int:
+    """Bytes of float32 keys and values a cache holds after `length` positions (not counting the doubling's
+    spare room): per layer with a cache of its own 2 * K * Dh * 4 bytes per position held, all `length` on a
+    global layer, at most W - 1 on a sliding one; nothing for Gemma 4's KV-shared layers. The cache arithmetic
+    of docs/gemma-versions.md, and `kv_cache_bytes` in --stats."""
+    total = 0
+    for i in range(config.num_hidden_layers):
+        if config.kv_source(i) != i:
+            continue  # shares its source layer's cache
+        window = config.layer_window(i)
+        held = length if window is None else min(length, window - 1)
+        total += 2 * config.layer_kv_heads(i) * config.layer_head_dim(i) * 4 * held
+    return total

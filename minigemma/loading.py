@@ -78,7 +78,8 @@ def resolve_repo_id(repo_id: str) -> Path:
 
 
 def load(source: str | os.PathLike | None = None, *, quantize: str | None = None, dtype: str | None = None,
-         progress: bool | None = None, backend: str | kernels.Backend = "numpy") -> Gemma:
+         progress: bool | None = None, backend: str | kernels.Backend = "numpy",
+         adapter: str | os.PathLike | None = None) -> Gemma:
     """Load a Gemma model from a directory, a .gguf file, an HF repo id, or (None) the built-in model.
 
     By default every weight is float32: the reference. `quantize="int8"` or `"int4"` stores the matrices
@@ -90,6 +91,10 @@ def load(source: str | os.PathLike | None = None, *, quantize: str | None = None
     "numpy" (the default), the readable reference, which a debugger steps through; or "numba", compiled
     twins with the same answers, several times faster (the command line's default). With numba, int8/int4
     matrices are repacked as they load into the layout its kernels read fastest (same bytes).
+
+    `adapter` is a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors, trained here or
+    with peft): its A and B go on top of the matrices as they are stored (lora.py), so an int8 or int4 base
+    with an adapter is QLoRA. `lora.save_merged` folds it in for good.
     """
     if quantize not in (None,) + QUANTIZE_CHOICES:
         raise InvalidArgument(f"quantize={quantize!r}: expected None or one of {', '.join(QUANTIZE_CHOICES)}")
@@ -113,9 +118,13 @@ def load(source: str | os.PathLike | None = None, *, quantize: str | None = None
         else:
             raise ModelFileError(f"{source}: no such file or directory")
 
-    if path.is_dir():
-        return _load_hf_dir(path, quantize, dtype, ops)
-    return _load_gguf(path, progress, quantize, dtype, ops)
+    model = _load_hf_dir(path, quantize, dtype, ops) if path.is_dir() else _load_gguf(path, progress, quantize,
+                                                                                      dtype, ops)
+    if adapter is not None:
+        from .lora import load_adapter
+
+        load_adapter(model, adapter)
+    return model
 
 
 def _load_hf_dir(path: Path, quantize: str | None, dtype: str | None, ops: kernels.Backend) -> Gemma:
@@ -139,13 +148,15 @@ def _load_hf_dir(path: Path, quantize: str | None, dtype: str | None, ops: kerne
 
 
 def _load_gguf(path: Path, progress: bool, quantize: str | None, dtype: str | None, ops: kernels.Backend) -> Gemma:
-    from .gguf_file import config_from_gguf, load_gguf_params, open_gguf
+    from .gguf_file import config_from_gguf, field, load_gguf_params, open_gguf
     from .tokenizer import Tokenizer
 
     reader = open_gguf(path)
     config = config_from_gguf(reader, path)
     tokenizer = None
-    if "tokenizer.ggml.tokens" in reader.fields:
+    # Gemma 4's GGUF vocabulary is BPE with merges (tokenizer.ggml.model "gemma4"), not SentencePiece: its
+    # weights load, and model.tokenizer says there is none
+    if "tokenizer.ggml.tokens" in reader.fields and field(reader, "tokenizer.ggml.model") != "gemma4":
         try:
             tokenizer = Tokenizer.from_gguf(reader)
         except ValueError as e:

@@ -3,6 +3,11 @@
 Gemma 1 blocks:          x = x + attn(norm(x));              x = x + mlp(norm(x))
 Gemma 2/3 ("sandwich"):  x = x + norm(attn(norm(x)));        x = x + norm(mlp(norm(x)))
 (transformers Gemma2DecoderLayer / Gemma3DecoderLayer, gemma_pytorch Gemma2DecoderLayer)
+VaultGemma:              Gemma 2's attention with Gemma 1's block (no output norms)
+Gemma 4:                 the sandwich, then (E-series) x = x + norm(proj(gelu(gate(x)) * per_layer_input)),
+                         then x = layer_scalar * x; an MoE block adds experts beside the MLP:
+                         x = x + norm(norm(mlp(norm(x))) + norm(experts(norm(x))))
+(transformers Gemma4TextDecoderLayer)
 
 `ops` is the model's backend (kernels.py): the products with weight matrices, the embedding lookup, attention
 and RMSNorm run through it, the NumPy reference of layers.py or its Numba twins; everything else is layers.py.
@@ -13,31 +18,45 @@ from __future__ import annotations
 import numpy as np
 
 from . import kernels
-from .config import GemmaConfig
+from .config import GemmaConfig, Rope
 from .errors import ContextOverflow, InvalidArgument, ModelFileError
 from .kvcache import KVCache, LayerCache
-from .layers import apply_rope, embed, mlp, rope_angles, softcap
+from .layers import (apply_rope, embed, experts, mlp, per_layer_branch, per_layer_inputs, proportional_rope_angles,
+                     rope_angles, route, softcap)
 from .params import LayerParams, Params, params_nbytes
 from .recording import record
 
 
 def self_attention(x, p: LayerParams, c: GemmaConfig, ops: kernels.Backend, layer: int, rope, window,
                    kv: LayerCache, positions):
-    """Project to heads, (Gemma 3: QK-norm), rotate, cache, attend (over the last `window` positions, or all
+    """Project to heads, (Gemma 3/4: QK-norm), rotate, cache, attend (over the last `window` positions, or all
     with None), project back.
+
+    Gemma 4 also normalises V (no gain), and on some layers computes no K/V at all (KV sharing: it attends
+    over what its source layer wrote into the cache in this pass) or takes V from the K projection
+    (attention_k_eq_v). H, K, Dh are this layer's.
 
     Shapes: (T, D) -> (T, D)
     """
-    T, H, K, Dh = x.shape[0], c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    T, H, K, Dh = x.shape[0], c.num_attention_heads, c.layer_kv_heads(layer), c.layer_head_dim(layer)
+    eps = c.rms_norm_eps
     q = ops.linear(x, p.q_proj).reshape(T, H, Dh).transpose(1, 0, 2)  # (T, H*Dh) -> (H, T, Dh)
-    k = ops.linear(x, p.k_proj).reshape(T, K, Dh).transpose(1, 0, 2)  # (T, K*Dh) -> (K, T, Dh)
-    v = ops.linear(x, p.v_proj).reshape(T, K, Dh).transpose(1, 0, 2)  # (T, K*Dh) -> (K, T, Dh)
-    if c.qk_norm:  # Gemma 3 normalises every head before RoPE (transformers Gemma3Attention)
-        q = ops.rms_norm(q, p.q_norm, c.rms_norm_eps)
-        k = ops.rms_norm(k, p.k_norm, c.rms_norm_eps)
+    if c.qk_norm:  # Gemma 3/4 normalise every head before RoPE (transformers Gemma3Attention)
+        q = ops.rms_norm(q, p.q_norm, eps)
     cos, sin = rope
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    k, v, k_positions = kv.update(k, v, positions)  # (K, S, Dh) each: the cached positions and these
+    q = apply_rope(q, cos, sin)
+    if c.kv_shared(layer):  # Gemma 4: the keys and values its source layer wrote in this pass (kv is that cache)
+        k, v, k_positions = kv.read(positions)
+    else:
+        k = ops.linear(x, p.k_proj).reshape(T, K, Dh).transpose(1, 0, 2)  # (T, K*Dh) -> (K, T, Dh)
+        # attention_k_eq_v (Gemma 4 global layers): V is the raw K projection, before k_norm and RoPE
+        v = ops.linear(x, p.v_proj).reshape(T, K, Dh).transpose(1, 0, 2) if c.has_v_proj(layer) else k
+        if c.qk_norm:
+            k = ops.rms_norm(k, p.k_norm, eps)
+        if c.value_norm:  # Gemma 4: RMSNorm without a gain on each value head (the zero-centred gain 0)
+            v = ops.rms_norm(v, np.zeros(Dh, np.float32), eps)
+        k = apply_rope(k, cos, sin)
+        k, v, k_positions = kv.update(k, v, positions)  # (K, S, Dh) each: the cached positions and these
     record(layer, q=q, k=k, v=v, q_positions=positions, k_positions=k_positions, window=window,
            scale=c.attn_scale, softcap=c.attn_logit_softcapping)  # what the attention pattern is made of
     out = ops.attention(q, k, v, positions, k_positions, window, c.attn_scale,
@@ -45,23 +64,55 @@ def self_attention(x, p: LayerParams, c: GemmaConfig, ops: kernels.Backend, laye
     return ops.linear(out.transpose(1, 0, 2).reshape(T, H * Dh), p.o_proj)  # (H, T, Dh) -> (T, H*Dh) -> (T, D)
 
 
+def mixture_of_experts(x, p: LayerParams, c: GemmaConfig, ops: kernels.Backend, layer: int):
+    """Gemma 4's experts, beside the dense MLP: route each token to its top_k experts, run them on the
+    pre-normed stream, normalise their weighted sum (transformers Gemma4TextDecoderLayer, enable_moe_block).
+
+    Shapes: (T, D) -> (T, D)
+    """
+    eps = c.rms_norm_eps
+    weights, chosen = route(x, p.router_scale, p.router_proj, p.expert_scale, c.top_k_experts, eps,
+                            ops.linear, ops.rms_norm)  # (T, k) each
+    record(layer, router_weights=weights, router_experts=chosen)
+    h = experts(ops.rms_norm(x, p.pre_moe_norm, eps), weights, chosen, p.experts_gate_up, p.experts_down,
+                ops.linear)
+    return ops.rms_norm(h, p.post_moe_norm, eps)
+
+
 def block(x, p: LayerParams, c: GemmaConfig, ops: kernels.Backend, layer: int, rope, window, kv: LayerCache,
-          positions):
-    """One transformer block: attention, then the MLP, each as a residual branch. Shapes: (T, D) -> (T, D)"""
+          positions, layer_input=None):
+    """One transformer block: attention, then the MLP, each as a residual branch; on Gemma 4 E-series a third
+    branch fed by this layer's `layer_input` (T, P). Shapes: (T, D) -> (T, D)"""
     eps = c.rms_norm_eps
     steps = {}  # each value by its name in recording.py, recorded once at the end
     steps["attn_norm"] = h = ops.rms_norm(x, p.input_norm, eps)
     steps["attn_out"] = h = self_attention(h, p, c, ops, layer, rope, window, kv, positions)
-    if c.sandwich_norms:  # Gemma 2/3 normalise the branch's output too
+    if c.sandwich_norms:  # Gemma 2/3/4 normalise the branch's output too
         steps["post_attn_norm"] = h = ops.rms_norm(h, p.post_attn_norm, eps)
     steps["resid_mid"] = x = x + h
     steps["mlp_norm"] = h = ops.rms_norm(x, p.pre_mlp_norm, eps)
     steps["mlp_out"] = h = mlp(h, p.gate_proj, p.up_proj, p.down_proj, ops.linear)
+    if c.enable_moe_block:  # Gemma 4 MoE: the dense MLP's output normed, plus the experts' (from x, not h)
+        steps["moe_out"] = h = ops.rms_norm(h, p.post_dense_norm, eps) + mixture_of_experts(x, p, c, ops, layer)
     if c.sandwich_norms:
         steps["post_mlp_norm"] = h = ops.rms_norm(h, p.post_mlp_norm, eps)
     steps["resid"] = x = x + h
+    if c.per_layer_embeddings:  # Gemma 4 E-series: the per-layer input's residual branch
+        steps["per_layer_out"] = h = per_layer_branch(x, layer_input, p.per_layer_gate, p.per_layer_proj,
+                                                      p.post_per_layer_norm, eps, ops.linear, ops.rms_norm)
+        steps["resid"] = x = x + h
+    if p.layer_scalar is not None:  # Gemma 4 scales the whole stream leaving each block (not just the branches)
+        steps["resid"] = x = x * p.layer_scalar
     record(layer, **steps)
     return x
+
+
+def rope_table(positions, head_dim: int, r: Rope):
+    """cos, sin for one layer type and head dim: plain or linearly scaled RoPE, or Gemma 4's proportional one
+    where only some pairs rotate. Shapes: (T,) -> (T, Dh) x2"""
+    if r.partial_rotary_factor != 1.0:
+        return proportional_rope_angles(positions, head_dim, r.theta, r.factor, r.partial_rotary_factor)
+    return rope_angles(positions, head_dim, r.theta, r.factor)
 
 
 def forward(params: Params, c: GemmaConfig, token_ids, cache: KVCache, ops: kernels.Backend = kernels.NUMPY,
@@ -83,12 +134,23 @@ def forward(params: Params, c: GemmaConfig, token_ids, cache: KVCache, ops: kern
 
     x = embed(token_ids, params.embed, c.embed_scale, ops.embedding_rows)  # (T, D)
     record(None, embed=x)  # recording (recording.py) costs nothing unless inside `with record_forward()`
-    # one cos/sin table per layer type: Gemma 3 uses base 1e6 on global layers and 1e4 on sliding ones
-    ropes = {t: rope_angles(positions, c.head_dim, r.theta, r.factor) for t, r in c.rope.items()}
+    layer_inputs = [None] * c.num_hidden_layers
+    if c.per_layer_embeddings:  # Gemma 4 E-series: every layer's own small input, (T, L, P)
+        P = c.hidden_size_per_layer_input
+        token_rows = embed(token_ids, params.embed_per_layer, P**0.5, ops.embedding_rows)  # (T, L*P)
+        layer_inputs = per_layer_inputs(token_rows, x, params.per_layer_model_proj, params.per_layer_proj_norm,
+                                        c.rms_norm_eps, c.num_hidden_layers, ops.linear, ops.rms_norm)
+        record(None, per_layer_inputs=layer_inputs)
+        layer_inputs = layer_inputs.transpose(1, 0, 2)  # (T, L, P) -> (L, T, P)
+    # one cos/sin table per layer type (and head dim): Gemma 3 uses base 1e6 on global layers and 1e4 on
+    # sliding ones; Gemma 4's global layers have their own head dim and proportional RoPE
+    kinds = sorted(set(zip(c.layer_types, map(c.layer_head_dim, range(c.num_hidden_layers)))))
+    ropes = {(t, dh): rope_table(positions, dh, c.rope[t]) for t, dh in kinds}
     for i, p in enumerate(params.layers):
         # each layer's choices, made here: its RoPE table and window by its type (sliding or global), its cache
-        x = block(x, p, c, ops, i, rope=ropes[c.layer_types[i]], window=c.layer_window(i), kv=cache.layers[i],
-                  positions=positions)
+        rope = ropes[c.layer_types[i], c.layer_head_dim(i)]
+        x = block(x, p, c, ops, i, rope=rope, window=c.layer_window(i), kv=cache.layers[i], positions=positions,
+                  layer_input=layer_inputs[i])
     # commit: the layers wrote past cache.length; an exception above left the cache as it was
     cache.length += len(token_ids)
 

@@ -31,19 +31,29 @@ def hf_classes(model_type: str):
         "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM),
         "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM),
         "gemma3_text": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM),
+        "gemma4_text": (tf.Gemma4TextConfig, tf.Gemma4ForCausalLM),
+        "vaultgemma": (tf.VaultGemmaConfig, tf.VaultGemmaForCausalLM),
     }[model_type]
 
 
 def randomize_(model, seed: int, std: float = 0.2):
     """Random weights, far from the zero-initialised norms and tiny init of a fresh model, so logits are far
     from uniform and every norm weight matters. std 0.2 keeps float32 rounding near its floor
-    (checked against a float64 run in test_model.py)."""
+    (checked against a float64 run in test_model.py).
+
+    Gemma 4's norms multiply by w itself (not 1 + w), so there a 1-D weight is drawn around 1; its
+    layer_scalar buffers (saved with the weights, all ones in a fresh model) are drawn from [0.5, 1.5)."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
+    around_one = getattr(getattr(model, "config", None), "model_type", "") == "gemma4_text"
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
-            p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if p.dim() == 1 else std))
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if p.dim() == 1 else std)
+                    + (1.0 if around_one and p.dim() == 1 else 0.0))
+        for name, b in sorted(model.named_buffers()):
+            if name.endswith("layer_scalar"):
+                b.copy_(0.5 + torch.rand(b.shape, generator=gen))
     return model.eval()
 
 
@@ -109,13 +119,14 @@ def to_legacy_config(directory: Path) -> dict:
 def random_params(config: GemmaConfig, rng: np.random.Generator, std: float = 0.2) -> Params:
     """Random float32 params of the right shapes, straight from the tensor table (no transformers)."""
 
-    def draw(spec):
-        shape = spec.shape(config)
-        return (rng.standard_normal(shape) * (0.5 if len(shape) == 1 else std)).astype(np.float32)
+    def draw(spec, layer=None):
+        shape = spec.shape(config) if layer is None else spec.shape(config, layer)
+        w = (rng.standard_normal(shape) * (0.5 if len(shape) == 1 else std)).astype(np.float32)
+        return list(w) if spec.stacked else w  # experts: one matrix each
 
-    top = {s.field: draw(s) for s in MODEL_TENSORS}
-    layers = [LayerParams(**{s.field: draw(s) for s in LAYER_TENSORS if s.when(config)})
-              for _ in range(config.num_hidden_layers)]
+    top = {s.field: draw(s) for s in MODEL_TENSORS if s.when(config)}
+    layers = [LayerParams(**{s.field: draw(s, i) for s in LAYER_TENSORS if s.when(config, i)})
+              for i in range(config.num_hidden_layers)]
     return Params(layers=layers, **top)
 
 

@@ -109,14 +109,26 @@ def test_a_reference_test_cannot_run_compiled_code(tiny):
 
 # ---- imports go one way ------------------------------------------------------------------------------------------
 
+def runtime_nodes(tree: ast.AST):
+    """Every node of a module but those under `if TYPE_CHECKING:` (imports for annotations, never run)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            todo.extend(node.orelse)  # the body is skipped
+        else:
+            todo.extend(ast.iter_child_nodes(node))
+
+
 def package_imports() -> dict[str, set[str]]:
     """module -> the package's modules it imports, at the top or inside a function (a lazy import is still an
-    edge: it runs sooner or later)."""
+    edge: it runs sooner or later; an import under `if TYPE_CHECKING:` never does)."""
     graph = {}
     for path in PACKAGE.glob("*.py"):
         name = path.stem
         graph[name] = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        for node in runtime_nodes(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and node.level == 1:
                 if node.module:
                     graph[name].add(node.module.split(".")[0])

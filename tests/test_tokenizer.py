@@ -1,6 +1,8 @@
 """minigemma.tokenizer against the oracle: transformers' tokenizers built from the same vocabulary, once from
 the packaged GGUF (`Tokenizer.from_gguf`) and once from a `tokenizer.model` file (`Tokenizer.from_file`, the HF
-directory path).
+directory path). The pure-Python BPE encoder (`PythonBPE`, `encoder="python"`) against the `sentencepiece`
+library on every one of those vocabularies, on the unadjusted SentencePiece model and on tiny hand-made ones;
+and `python -m minigemma tokenize` against transformers.
 
 Fixture cost (module scope, paid once; measured on a busy 2-core machine): `gguf.GGUFReader` on the 270M
 file 10-19 s (it makes a numpy view per element of the 262k-entry vocabulary arrays), transformers' GGUF
@@ -16,7 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sentencepiece import sentencepiece_model_pb2 as sp_pb
 
-from minigemma.tokenizer import CONTROL, UNKNOWN, USER_DEFINED, Tokenizer, model_proto_from_gguf
+from minigemma import cli
+from minigemma.errors import InvalidArgument
+from minigemma.tokenizer import (BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, PythonBPE, Tokenizer,
+                                  model_proto_from_gguf)
 
 pytestmark = pytest.mark.slow
 
@@ -319,3 +324,182 @@ def test_property_round_trip_unicode(tok, text):
 def test_property_round_trip_specialish(tok, text):
     assert tok.decode(tok.encode(text, add_bos=False)) == text
     assert tok.decode(tok.encode(text)) == text
+
+
+# ------------------------------------------------------------- the pure-Python encoder against sentencepiece
+
+@pytest.fixture(scope="module")
+def py_tok(reader):
+    """The GGUF-rebuilt tokenizer with the pure-Python encoder."""
+    return Tokenizer.from_gguf(reader, encoder="python")
+
+
+@pytest.fixture(scope="module")
+def py_from_file(model_file):
+    return Tokenizer.from_file(model_file, encoder="python")
+
+
+@pytest.fixture(scope="module")
+def raw_pair(model_file):
+    """The SentencePiece model as `from_gguf` builds it, *before* `_as_transformers_sees_it`: real scores
+    (with ties) and the whitespace runs ▁▁..▁*31 as user-defined pieces, matched greedily and never merged.
+    A harder target than the tokenizers: it takes the frozen-symbol and tie-breaking paths."""
+    proto = sp_pb.ModelProto.FromString(model_file.read_bytes())
+    return PythonBPE(proto), spm.SentencePieceProcessor(model_file=str(model_file))
+
+
+@pytest.mark.parametrize("text", CORPUS.values(), ids=CORPUS.keys())
+def test_python_encoder_matches_sentencepiece_and_transformers(tok, py_tok, hf, text):
+    assert py_tok.encoder == "python" and tok.encoder == "sentencepiece"
+    assert py_tok.encode(text) == tok.encode(text) == hf.encode(text)
+    assert py_tok.encode(text, add_bos=False) == tok.encode(text, add_bos=False)
+
+
+@pytest.mark.parametrize("text", CORPUS.values(), ids=CORPUS.keys())
+def test_python_encoder_matches_sentencepiece_from_file(from_file, py_from_file, text):
+    assert py_from_file.encode(text) == from_file.encode(text)
+
+
+@pytest.mark.parametrize("text", [*CORPUS.values(), " " * 31, " " * 62, "x" + " " * 100 + "y"],
+                         ids=[*CORPUS.keys(), "31 spaces", "62 spaces", "100 spaces"])
+def test_python_encoder_matches_raw_sentencepiece(raw_pair, text):
+    python, library = raw_pair
+    assert python.encode(text) == library.encode(text)
+
+
+def test_python_encoder_needs_real_scores_and_frozen_symbols(raw_pair, tok, py_tok):
+    """The two vocabularies above really differ where they should, so each test reaches its own path."""
+    python, library = raw_pair
+    assert python.encode(" " * 32) == library.encode(" " * 32) != py_tok.encode(" " * 32, add_bos=False)
+    assert py_tok.encode(" " * 32, add_bos=False) == tok.encode(" " * 32, add_bos=False)
+
+
+FEWER = settings(max_examples=120, deadline=None)
+
+
+@FEWER
+@given(text=st.text())
+def test_property_python_encoder_matches_sentencepiece_unicode(tok, py_tok, raw_pair, text):
+    assert py_tok.encode(text) == tok.encode(text)
+    python, library = raw_pair
+    assert python.encode(text) == library.encode(text)
+
+
+@FEWER
+@given(text=SPECIALISH)
+def test_property_python_encoder_matches_sentencepiece_specialish(tok, py_tok, raw_pair, text):
+    assert py_tok.encode(text) == tok.encode(text)
+    python, library = raw_pair
+    assert python.encode(text) == library.encode(text)
+
+
+@FEWER
+@given(text=st.text().filter(_round_trips))
+def test_property_python_encoder_round_trip(py_tok, text):
+    assert py_tok.decode(py_tok.encode(text, add_bos=False)) == text
+
+
+def test_switching_the_encoder(reader):
+    switched = Tokenizer.from_gguf(reader)
+    text = "Switch me: 🦙 2026  ok"
+    before = switched.encode(text)
+    switched.encoder = "python"
+    assert switched.encode(text) == before
+    with pytest.raises(InvalidArgument, match="encoder must be one of sentencepiece, python, got 'rust'"):
+        switched.encoder = "rust"
+    assert switched.encoder == "python"  # a refused value changes nothing
+
+
+def test_merge_trace_ends_in_the_pieces(py_tok):
+    """`trace` shows each merge: one symbol fewer per step, from characters to the final pieces."""
+    steps = []
+    ids = py_tok.python_bpe.encode("tokenization", trace=steps.append)
+    assert steps[0] == list("tokenization")
+    assert [len(a) - len(b) for a, b in zip(steps, steps[1:])] == [1] * (len(steps) - 1)
+    assert steps[-1] == [py_tok.id_to_piece(i) for i in ids]
+    assert ids == py_tok.encode("tokenization", add_bos=False)
+
+
+# Tiny vocabularies that take the paths Gemma's doesn't: an unused piece (merged through, then split back),
+# <unk> without byte fallback (a run of them is one <unk>), a dummy prefix, equal scores (leftmost first).
+TINY_PIECES = [("<unk>", 0, UNKNOWN), ("<s>", 0, CONTROL), ("</s>", 0, CONTROL),
+               ("a", 0, NORMAL), ("b", 0, NORMAL), ("c", 0, NORMAL), ("\u2581", 0, NORMAL),
+               ("ab", -1, UNUSED), ("abc", -2, NORMAL), ("bc", -3, NORMAL), ("aa", -1, NORMAL), ("ba", -1, NORMAL),
+               ("\u2581a", -1, NORMAL), ("<u>", 0, USER_DEFINED), ("\u2581\u2581", 0, USER_DEFINED)]
+
+
+def tiny_proto(byte_fallback: bool, dummy_prefix: bool) -> sp_pb.ModelProto:
+    proto = sp_pb.ModelProto()
+    for piece, score, kind in TINY_PIECES:
+        proto.pieces.add(piece=piece, score=score, type=kind)
+    if byte_fallback:
+        for b in range(256):
+            proto.pieces.add(piece=f"<0x{b:02X}>", score=0, type=BYTE)
+    spec = proto.trainer_spec
+    spec.model_type, spec.vocab_size, spec.byte_fallback = sp_pb.TrainerSpec.BPE, len(proto.pieces), byte_fallback
+    spec.unk_id, spec.bos_id, spec.eos_id, spec.pad_id = 0, 1, 2, -1
+    norm = proto.normalizer_spec
+    norm.name, norm.add_dummy_prefix, norm.remove_extra_whitespaces, norm.escape_whitespaces = (
+        "identity", dummy_prefix, False, True)
+    return proto
+
+
+@pytest.mark.parametrize("byte_fallback", [False, True])
+@pytest.mark.parametrize("dummy_prefix", [False, True])
+@settings(max_examples=150, deadline=None)
+@given(text=st.lists(st.sampled_from(["a", "b", "c", " ", "<u>", "é", "x", "€"]), max_size=30).map("".join))
+def test_property_python_encoder_matches_sentencepiece_tiny(byte_fallback, dummy_prefix, text):
+    proto = tiny_proto(byte_fallback, dummy_prefix)
+    library = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+    assert PythonBPE(proto).encode(text) == library.encode(text)
+
+
+def test_tiny_vocabulary_takes_every_path():
+    """The property above reaches each rule at least once (checked here on fixed texts)."""
+    python = PythonBPE(tiny_proto(byte_fallback=False, dummy_prefix=False))
+    assert python.encode("ab") == [3, 4]  # "ab" is unused: merged, then split back
+    assert python.encode("abc") == [8]  # ...but "abc" was reached through it
+    assert python.encode("xé€a") == [0, 3]  # three unknown characters, one <unk>
+    assert python.encode("baa") == [11, 3]  # "ba" and "aa" tie at -1: the leftmost merges
+    assert python.encode("  a") == [14, 3]  # "▁▁" user-defined: matched whole, never merged into "▁a"
+    with_bytes = PythonBPE(tiny_proto(byte_fallback=True, dummy_prefix=True))
+    assert with_bytes.encode("é") == [6, 15 + 0xC3, 15 + 0xA9]  # "▁" (dummy prefix), then the two UTF-8 bytes
+
+
+# ------------------------------------------------------------------------ python -m minigemma tokenize
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_tokenize_gives_transformers_ids(capsys, gguf_path, hf):
+    text = "<start_of_turn>user\nWrite  3 haiku, naïve 🦙<end_of_turn>\n"
+    code, out, err = run_cli(capsys, "tokenize", text, "--encoder", "python", "--model", str(gguf_path))
+    assert code == 0 and err == ""
+    assert json.loads(out) == hf.encode(text)
+    code, out, _ = run_cli(capsys, "tokenize", text, "--pieces", "--no-bos", "--model", str(gguf_path))
+    assert json.loads(out) == hf.convert_ids_to_tokens(hf.encode(text, add_special_tokens=False))
+
+
+def test_cli_tokenize_reads_stdin(capsys, monkeypatch, gguf_path, hf, tmp_path):
+    text = "from stdin,\n  kept as is\n"
+    (tmp_path / "in.txt").write_bytes(text.encode())
+    with open(tmp_path / "in.txt", "rb") as f:
+        monkeypatch.setattr("sys.stdin", type("Stdin", (), {"buffer": f})())
+        code, out, _ = run_cli(capsys, "tokenize", "-", "--encoder", "python", "--model", str(gguf_path))
+    assert code == 0 and json.loads(out) == hf.encode(text)
+
+
+def test_cli_tokenize_errors_are_one_line(capsys, tmp_path):
+    missing = tmp_path / "missing.gguf"
+    code, out, err = run_cli(capsys, "tokenize", "x", "--model", str(missing))
+    assert (code, out) == (1, "") and err == f"minigemma: error: {missing}: no such file or directory\n"
+    code, _, err = run_cli(capsys, "tokenize", "x", "--model", str(tmp_path))
+    assert code == 1 and err == f"minigemma: error: {tmp_path}: no tokenizer.model in this directory\n"
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["tokenize", "x", "--encoder", "rust"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "argument --encoder: invalid choice: 'rust'" in err

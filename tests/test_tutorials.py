@@ -13,7 +13,9 @@ They are committed *with* their outputs, so that a reader browsing the repositor
     this checkout first on the import path, matplotlib's off-screen Agg backend). A cell that raises fails the
     test with nbclient's CellExecutionError, which shows the cell and its traceback. The run is not saved.
 
-Most notebooks load the built-in model once; all of them together take about 3 minutes on 2 cores.
+Most notebooks load the built-in model once. Their run times are in tutorials/README.md: about 3 minutes for
+01-11 together on a quiet 2-core machine; under load, and with 12 and 13 (13 scores five model variants
+on the Numba kernels), up to half an hour.
 """
 
 from __future__ import annotations

@@ -1,0 +1,378 @@
+"""The loss and the gradients of train.py against transformers + torch autograd, and peft for LoRA.
+
+Oracles:
+  * full fine-tuning: transformers' own model (tiny, random, Gemma 1, 2 and 3) given the same batch with
+    `labels`, `(loss * count).backward()`: every parameter's .grad against ours;
+  * LoRA: peft.get_peft_model on that model (every projection targeted, lora_dropout 0, B random so that A's
+    gradients are not zero), its lora_A / lora_B copied into weights.LoRA: their .grad against ours;
+  * QLoRA: the same with our int8 / int4 base weights, torch running on those weights dequantized;
+  * a float64 finite-difference check of every gradient tensor on a tiny model (no torch at all);
+  * the definition: a dense cross-entropy over logits of the inference forward, and minigemma's perplexity.
+
+Tolerance: relative error (max |ours - torch| / max |torch|, per tensor) <= 1e-4 in float32. Both sides sum
+over a few hundred terms per value in different orders; what we see is ~1e-6. A wrong derivative anywhere is
+off by far more than 1e-2.
+"""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+
+import minigemma
+from conftest import load_hf_float32, make_hf_model, random_params, rel_err, save
+from minigemma import train, weights
+from minigemma.config import GemmaConfig
+from minigemma.errors import InvalidArgument
+from minigemma.model import Gemma
+from minigemma.params import LAYER_TENSORS
+from minigemma.perplexity import log_softmax, perplexity
+
+RTOL = 1e-4
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LAYERS = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+MODELS = {  # every path: MQA, GQA, MHA; caps that bend; sliding windows shorter than the batch; QK-norm
+    "gemma-mqa": ("gemma", dict(num_key_value_heads=1)),
+    "gemma2-gqa-caps": ("gemma2", dict(sliding_window=5, attn_logit_softcapping=3.0, final_logit_softcapping=5.0,
+                                       layer_types=LAYERS)),
+    "gemma3-mha": ("gemma3_text", dict(num_key_value_heads=4, sliding_window=4, layer_types=LAYERS)),
+}
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def checkpoint_dir(request, tmp_path_factory):
+    model_type, overrides = MODELS[request.param]
+    return save(make_hf_model(model_type, seed=5, **overrides), tmp_path_factory.mktemp(request.param))
+
+
+def batch(seed=0, B=3, T=11, V=160):
+    """Random tokens (some are <pad> = 0, whose embedding row transformers never trains as an input) and
+    labels with the prompt part of one row and one lone position masked."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, V, (B, T))
+    tokens[0, 2] = tokens[-1, 5] = 0
+    labels = tokens.copy()
+    labels[0, :5] = -100
+    labels[-1, 4] = -100
+    return tokens, labels
+
+
+def hf_name(config: GemmaConfig, name: str) -> str:
+    """Our parameter name -> transformers' (without peft's prefix)."""
+    if name == "embed":
+        return "model.embed_tokens.weight"
+    if name == "final_norm":
+        return "model.norm.weight"
+    _, i, field = name.split(".")[:3]
+    spec = next(s for s in LAYER_TENSORS if s.field == field and s.when(config))
+    return f"model.layers.{i}.{spec.hf}"
+
+
+def torch_loss_backward(hf, tokens, labels) -> tuple[float, int]:
+    """transformers' mean loss times the count: the gradient of the sum, as loss_and_grads returns."""
+    out = hf(torch.as_tensor(tokens), labels=torch.as_tensor(labels))
+    count = int((labels[:, 1:] != -100).sum())
+    (out.loss * count).backward()
+    return out.loss.item() * count, count
+
+
+def assert_grads_close(ours: dict, ref: dict, rtol=RTOL):
+    errors = {name: rel_err(ours[name], ref[name]) for name in ref}
+    worst = max(errors, key=errors.get)
+    assert set(ours) == set(ref)
+    assert errors[worst] <= rtol, f"{worst}: relative error {errors[worst]:.2e}"
+    assert all(np.abs(g).max() > 0 for g in ref.values())  # every tensor is actually exercised
+
+
+def with_peft(hf, r=4, alpha=8.0):
+    import peft
+
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(TARGETS), lora_dropout=0.0,
+                             init_lora_weights=False)  # B random, not zero: A's gradient is not zero
+    return peft.get_peft_model(hf, config)
+
+
+def copy_adapters(model, peft_model, alpha=8.0):
+    """Wrap each targeted weight of our model in a weights.LoRA holding peft's A and B."""
+    modules = dict(peft_model.named_modules())
+    for name in (f"layers.{i}.{f}" for i in range(len(model.params.layers)) for f in TARGETS):
+        _, i, field = name.split(".")
+        prefix = "base_model.model." + hf_name(model.config, name).removesuffix(".weight")
+        A = modules[prefix + ".lora_A.default"].weight.detach().numpy().copy()
+        B = modules[prefix + ".lora_B.default"].weight.detach().numpy().copy()
+        p = model.params.layers[int(i)]
+        setattr(p, field, weights.LoRA(getattr(p, field), A, B, alpha / A.shape[0]))
+
+
+def peft_grads(model, peft_model) -> dict:
+    modules = dict(peft_model.named_modules())
+    out = {}
+    for name in train.parameters(model, "lora"):
+        layer_name, which = name.rsplit(".", 1)
+        prefix = "base_model.model." + hf_name(model.config, layer_name).removesuffix(".weight")
+        out[name] = modules[f"{prefix}.lora_{which}.default"].weight.grad.numpy()
+    return out
+
+
+# ---- against torch -----------------------------------------------------------------------------------------
+
+def test_full_fine_tuning_gradients_match_torch(checkpoint_dir):
+    model = minigemma.load(checkpoint_dir)
+    hf = load_hf_float32(checkpoint_dir)
+    tokens, labels = batch()
+    total, count, grads = train.loss_and_grads(model, tokens, labels, train="full")
+    ref_total, ref_count = torch_loss_backward(hf, tokens, labels)
+    assert count == ref_count == 3 * 10 - 4 - 1  # row 0's first 4 targets, one of the last row's
+    assert total == pytest.approx(ref_total, rel=1e-5)
+    hf_params = dict(hf.named_parameters())
+    assert len(grads) == len(hf_params)  # every parameter of transformers' model (the head is the embedding)
+    assert_grads_close(grads, {n: hf_params[hf_name(model.config, n)].grad.numpy() for n in grads})
+
+
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+def test_lora_gradients_match_peft(checkpoint_dir, quantize):
+    """LoRA on float32, and QLoRA on int8 / int4 base weights, against peft on transformers running on the
+    very weights ours hold (dequantized)."""
+    model = minigemma.load(checkpoint_dir, quantize=quantize)
+    hf = load_hf_float32(checkpoint_dir)
+    if quantize:  # torch computes with our quantized weights, widened
+        hf_params = dict(hf.named_parameters())
+        with torch.no_grad():
+            hf_params["model.embed_tokens.weight"].copy_(torch.as_tensor(weights.dequantize(model.params.embed)))
+            for i, p in enumerate(model.params.layers):
+                for field in TARGETS:
+                    w = getattr(p, field)
+                    assert not isinstance(w, np.ndarray)  # really quantized
+                    hf_params[hf_name(model.config, f"layers.{i}.{field}")].copy_(
+                        torch.as_tensor(weights.dequantize(w)))
+    peft_model = with_peft(hf)
+    copy_adapters(model, peft_model)
+    tokens, labels = batch(seed=1)
+    total, count, grads = train.loss_and_grads(model, tokens, labels, train="lora")
+    ref_total, _ = torch_loss_backward(peft_model, tokens, labels)
+    assert total == pytest.approx(ref_total, rel=1e-5)
+    assert len(grads) == 2 * len(TARGETS) * model.config.num_hidden_layers
+    assert_grads_close(grads, peft_grads(model, peft_model))
+
+
+# ---- against finite differences, in float64 ----------------------------------------------------------------
+
+def float64_model(model_type: str, seed: int, lora: bool) -> Gemma:
+    c = GemmaConfig.from_hf_dict(dict(
+        model_type=model_type, vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=6, sliding_window=3,
+        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=64,
+        **({"attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0} if model_type == "gemma2" else {})))
+    rng = np.random.default_rng(seed)
+    params = random_params(c, rng, std=0.4)
+    params.embed, params.final_norm = params.embed.astype(np.float64), params.final_norm.astype(np.float64)
+    for p in params.layers:
+        for field in train.layer_fields(p):
+            w = getattr(p, field).astype(np.float64)
+            if lora and field in TARGETS:
+                w = weights.LoRA(w, rng.standard_normal((3, w.shape[1])) * 0.3,
+                                 rng.standard_normal((w.shape[0], 3)) * 0.3, 0.7)
+            setattr(p, field, w)
+    return Gemma(c, params)
+
+
+@pytest.mark.parametrize("model_type", ["gemma", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("mode", ["full", "lora", "lora-dropout"])
+def test_gradients_are_finite_differences(model_type, mode):
+    """For each trainable tensor, along a random direction d: (L(p + h d) - L(p - h d)) / 2h = <grad, d>,
+    with L the loss sum in float64. h = 1e-6: the truncation error shrinks as h^2 (measured: 3e-4 relative
+    at h = 1e-4 on Gemma 1's embedding, 3e-8 at 1e-6) and rounding grows as 1e-16 |L| / h ~ 1e-8."""
+    train_kind = "full" if mode == "full" else "lora"
+    model = float64_model(model_type, seed=3, lora=train_kind == "lora")
+    tokens, labels = batch(seed=2, B=2, T=7, V=40)
+    tokens[tokens == 0] = 1  # no <pad>: as transformers, its row gets no gradient as an input (a convention,
+    labels[labels == 0] = 1  # not the derivative, which this test checks)
+    dropout = 0.3 if mode == "lora-dropout" else 0.0
+    _, _, grads = train.loss_and_grads(model, tokens, labels, train=train_kind, dropout=dropout,
+                                       rng=np.random.default_rng(9))
+    drop = None
+    if dropout:  # the same masks as loss_and_grads drew from the same generator
+        drop = train.LoRADropout(dropout, int(np.random.default_rng(9).integers(2**63)), model)
+    params = train.parameters(model, train_kind)
+    rng = np.random.default_rng(4)
+    h = 1e-6
+    for name, p in params.items():
+        d = rng.standard_normal(p.shape)
+        p += h * d
+        up = train._run(model, tokens, labels, dropout=drop)[0]
+        p -= 2 * h * d
+        down = train._run(model, tokens, labels, dropout=drop)[0]
+        p += h * d
+        numeric, analytic = (up - down) / (2 * h), float(np.sum(grads[name] * d))
+        assert numeric == pytest.approx(analytic, rel=1e-6, abs=1e-8), name
+
+
+# ---- the loss ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return minigemma.load(save(make_hf_model("gemma2", seed=3, sliding_window=6, final_logit_softcapping=4.0),
+                               tmp_path_factory.mktemp("tiny")))
+
+
+def test_chunked_loss_is_dense_cross_entropy(tiny):
+    """A few positions of logits at a time give the loss of all the logits at once (inference forward, one
+    sequence at a time, log-softmax over the whole vocabulary), and the same gradients."""
+    tokens, labels = batch(seed=4, B=2, T=13)
+    total, count = train.loss(tiny, tokens, labels, chunk=3)
+    dense = 0.0
+    for seq, lab in zip(tokens, labels):
+        logp = log_softmax(tiny.forward(seq))  # (T, V)
+        dense -= sum(logp[t, lab[t + 1]] for t in range(len(seq) - 1) if lab[t + 1] != -100)
+    assert count == int((labels[:, 1:] != -100).sum())
+    assert total == pytest.approx(dense, rel=1e-5)
+    _, _, by_3 = train.loss_and_grads(tiny, tokens, labels, train="full", chunk=3)
+    _, _, whole = train.loss_and_grads(tiny, tokens, labels, train="full")
+    assert_grads_close(by_3, whole, rtol=1e-6)
+
+
+def test_loss_is_loss_and_grads_loss(tiny):
+    tokens, labels = batch(seed=5)
+    assert train.loss(tiny, tokens, labels) == train.loss_and_grads(tiny, tokens, labels, train="full")[:2]
+
+
+def test_exp_loss_is_perplexity(tiny):
+    """exp(mean loss) of <bos> + a text is the perplexity of the text, scored in one window."""
+    ids = np.random.default_rng(6).integers(3, 160, 40).tolist()
+    tokens = np.array([[tiny.config.bos_token_id] + ids])
+    total, count = train.loss(tiny, tokens, tokens)
+    assert count == len(ids)
+    assert np.exp(total / count) == pytest.approx(perplexity(tiny, ids, context=len(ids) + 1).perplexity, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_exp_loss_is_perplexity_on_the_built_in_model(real_model):
+    text = "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is Rome."
+    ids = real_model.tokenizer.encode(text, add_bos=False)
+    tokens = np.array([[real_model.config.bos_token_id] + ids])
+    total, count = train.loss(real_model, tokens, tokens)
+    expected = perplexity(real_model, ids, context=len(ids) + 1).perplexity
+    assert count == len(ids)
+    assert np.exp(total / count) == pytest.approx(expected, rel=1e-5)
+
+
+def test_logits_are_never_made_whole(tmp_path):
+    """With a vocabulary big enough to see: the peak of memory allocated during a LoRA step stays well under
+    the (B*T, V) float32 logits, and each block of logits has the `chunk` positions asked for. The same step
+    with the whole batch in one chunk does reach it (so the measurement can see logits)."""
+    V = 65536
+    model = lora_model(save(make_hf_model("gemma3_text", seed=1, vocab_size=V), tmp_path))
+    tokens, labels = batch(seed=7, B=2, T=64, V=V)
+    whole = tokens.size * V * 4  # 32 MiB
+    made = []
+    linear = model.backend.linear
+    model.backend = type(model.backend)(**{**vars(model.backend), "linear": lambda x, w: (
+        made.append(x.shape[0]) if w is model.params.embed else None) or linear(x, w)})
+
+    def peak(chunk):
+        tracemalloc.start()
+        train.loss_and_grads(model, tokens, labels, chunk=chunk)
+        bytes_ = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return bytes_
+
+    in_blocks = peak(16)
+    assert max(made) == 16 and sum(made) == int((labels[:, 1:] != -100).sum())
+    assert in_blocks < whole / 2, f"peak {in_blocks / 2**20:.1f} MiB against {whole / 2**20:.0f} MiB of logits"
+    assert peak(None) > whole * 0.9  # the default chunk (LOGITS_BYTES) holds this whole small batch
+
+
+# ---- options: checkpointing, dropout, backends ---------------------------------------------------------------
+
+def lora_model(directory, seed=0, **load):
+    model = minigemma.load(directory, **load)
+    rng = np.random.default_rng(seed)
+    for p in model.params.layers:
+        for field in TARGETS:
+            w = getattr(p, field)
+            setattr(p, field, weights.LoRA(w, (rng.standard_normal((4, w.shape[1])) * 0.2).astype(np.float32),
+                                           (rng.standard_normal((w.shape[0], 4)) * 0.2).astype(np.float32), 2.0))
+    return model
+
+
+@pytest.mark.parametrize("mode", ["full", "lora-dropout"])
+def test_checkpointing_gives_identical_gradients(checkpoint_dir, mode):
+    """Recomputing each block in the backward gives the very same numbers (dropout masks included)."""
+    model = minigemma.load(checkpoint_dir) if mode == "full" else lora_model(checkpoint_dir)
+    kind, dropout = ("full", 0.0) if mode == "full" else ("lora", 0.25)
+    tokens, labels = batch(seed=8)
+    runs = [train.loss_and_grads(model, tokens, labels, train=kind, checkpoint=ck, dropout=dropout,
+                                 rng=np.random.default_rng(1)) for ck in (False, True)]
+    assert runs[0][:2] == runs[1][:2]
+    for name in runs[0][2]:
+        np.testing.assert_array_equal(runs[0][2][name], runs[1][2][name], err_msg=name)
+
+
+def test_dropout_is_seeded_and_drops(tmp_path):
+    model = lora_model(save(make_hf_model("gemma3_text", seed=2), tmp_path))
+    tokens, labels = batch(seed=9)
+    run = lambda seed, p=0.5: train.loss_and_grads(model, tokens, labels, dropout=p,  # noqa: E731
+                                                   rng=np.random.default_rng(seed))
+    a, b, c = run(1), run(1), run(2)
+    none, zero = run(1, p=0.0), train.loss_and_grads(model, tokens, labels)
+    assert a[0] == b[0] and all(np.array_equal(a[2][n], b[2][n]) for n in a[2])
+    assert a[0] != c[0] and a[0] != none[0]
+    assert none[0] == zero[0]
+    # PEFT's dropout is on the LoRA branch only: with B = 0 the branch adds nothing, so dropout changes
+    # nothing but A's gradient (which is then zero) and B's
+    for p in model.params.layers:
+        for field in TARGETS:
+            getattr(p, field).B[:] = 0
+    assert run(1)[0] == pytest.approx(run(2)[0], rel=1e-12)
+
+
+def test_backends_give_the_same_gradients(checkpoint_dir):
+    """The Numba backend (packed int8 layouts, its own linear and RMSNorm) and the NumPy reference. They differ
+    in float32 summation order only; backpropagated through 4 blocks that is ~1e-5 of the largest value."""
+    pytest.importorskip("numba")
+    tokens, labels = batch(seed=10)
+    results = [train.loss_and_grads(lora_model(checkpoint_dir, quantize="int8", backend=b), tokens, labels)
+               for b in ("numpy", "numba")]
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    assert_grads_close(results[1][2], results[0][2], rtol=5e-5)
+    full = [train.loss_and_grads(minigemma.load(checkpoint_dir, backend=b), tokens, labels, train="full")
+            for b in ("numpy", "numba")]
+    assert_grads_close(full[1][2], full[0][2], rtol=5e-5)
+
+
+def test_parameters_are_views_into_the_model(tmp_path):
+    """An optimizer updates parameters() in place, and the model computes with the update."""
+    model = lora_model(save(make_hf_model("gemma3_text"), tmp_path))
+    tokens, labels = batch(seed=11)
+    before = train.loss(model, tokens, labels)[0]
+    lora = train.parameters(model, "lora")
+    assert set(lora) == {f"layers.{i}.{f}.{m}" for i in range(4) for f in TARGETS for m in "AB"}
+    lora["layers.2.up_proj.B"] += 0.5
+    assert model.params.layers[2].up_proj.B is lora["layers.2.up_proj.B"]
+    assert train.loss(model, tokens, labels)[0] != before
+    full = train.parameters(minigemma.load(tmp_path), "full")
+    assert len(full) == 2 + 4 * 13  # embed, final_norm; per Gemma 3 block 7 matrices and 6 norms
+
+
+# ---- what is refused -------------------------------------------------------------------------------------------
+
+def test_bad_input_is_named(tiny, tmp_path):
+    tokens, labels = batch()
+    with pytest.raises(InvalidArgument, match="no LoRA adapters"):
+        train.loss_and_grads(tiny, tokens, labels, train="lora")
+    with pytest.raises(InvalidArgument, match="train='sgd'"):
+        train.parameters(tiny, "sgd")
+    with pytest.raises(InvalidArgument, match=r"labels must have the shape of tokens \(3, 11\)"):
+        train.loss(tiny, tokens, labels[:, :5])
+    with pytest.raises(InvalidArgument, match="got 160"):
+        train.loss(tiny, tokens, np.full_like(labels, 160))
+    with pytest.raises(InvalidArgument, match="token ids must be in"):
+        train.loss(tiny, tokens - 1, labels)
+    with pytest.raises(InvalidArgument, match="dropout > 0 needs rng"):
+        train.loss_and_grads(lora_model(save(make_hf_model("gemma"), tmp_path)), tokens, labels, dropout=0.1)
+    quantized = minigemma.load(save(make_hf_model("gemma"), tmp_path / "q"), quantize="int8")
+    with pytest.raises(InvalidArgument, match="train='full' needs float32 weights, but embed is Int8"):
+        train.loss_and_grads(quantized, tokens, labels, train="full")
