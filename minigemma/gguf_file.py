@@ -482,8 +482,9 @@ def _int4_from_q4_k(t: GGUFTensor, kind: str):
 
 
 # (requested storage, GGUF type) -> how the file's bytes become that storage without requantizing. Q8_0 *is*
-# our int8 and Q4_1 our int4, byte for byte, and the 16-bit types are our 16-bit types: used in place, with no
-# copy. Any pair not here is dequantized a block of rows at a time and converted (weights.to_weight).
+# our int8, our int4 has Q4_1's layout (a Q4_1 tensor is held as it is, though our own quantizer fits other
+# scales), and the 16-bit types are ours: used in place, with no copy. Any pair not here is dequantized a block
+# of rows at a time and converted (weights.to_weight).
 STORED_AS = {
     ("int8", "Q8_0"): lambda t, kind: Int8.from_q8_0(t.t.data, t.shape),
     ("int4", "Q4_1"): lambda t, kind: Int4.from_q4_1(t.t.data, t.shape),
