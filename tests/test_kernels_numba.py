@@ -12,8 +12,6 @@ import json
 import os
 import subprocess
 import sys
-from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,23 +24,18 @@ from minigemma import kernels, kernels_numba
 from minigemma.config import GemmaConfig
 from minigemma.generate import Sampling, generate_ids
 from minigemma.model import Gemma
+from minigemma.packed import Int4x64, Int8x64
 from minigemma.params import LayerParams, Params
-from minigemma.weights import Float16Bits, Int4, Int4x64, Int8, Int8x64
+from minigemma.weights import Float16Bits, Int4, Int8
 
-numpy_linear = kernels.REFERENCE["linear"]
-numpy_attention = kernels.REFERENCE["attention"]
+numpy_linear = kernels.NUMPY.linear
+numpy_attention = kernels.NUMPY.attention
 EPS = np.finfo(np.float32).eps
 
 
-@contextmanager
-def backend(name: str):
-    """Run a block with one backend, then restore the one in use (the switch is process-wide)."""
-    before = kernels.backend
-    kernels.use_backend(name)
-    try:
-        yield
-    finally:
-        kernels.use_backend(before)
+def on(model: Gemma, name: str) -> Gemma:
+    """The same config, params and tokenizer, computed with backend `name` (a model holds its backend)."""
+    return Gemma(model.config, model.params, model._tokenizer, source=model.source, backend=kernels.get(name))
 
 
 def make_weight(kind: str, x: np.ndarray):
@@ -146,7 +139,7 @@ def test_rms_norm_equals_numpy(lead, width, scale, transposed, seed):
         x = x.transpose(1, 0, 2)
     w = rng.standard_normal(width).astype(np.float32)
     ours = kernels_numba.rms_norm(x, w, 1e-6)
-    ref = kernels.REFERENCE["rms_norm"](x, w, 1e-6)
+    ref = kernels.NUMPY.rms_norm(x, w, 1e-6)
     assert ours.shape == ref.shape and ours.dtype == np.float32
     # each output is x_i / rms * (1 + w_i), |x_i / rms| <= sqrt(N): a relative error of a few eps in rms (the
     # sum of squares in another order) and one rounding each for the divide and the multiply
@@ -154,24 +147,15 @@ def test_rms_norm_equals_numpy(lead, width, scale, transposed, seed):
     assert np.all(np.abs(ours - ref) <= bound)
 
 
-# ---- the switch -----------------------------------------------------------------------------------------------
+# ---- the backend value ---------------------------------------------------------------------------------------
 
-def test_backend_switch(monkeypatch):
-    monkeypatch.setenv("MINIGEMMA_BACKEND", "numpy")
-    assert kernels.default_backend() == "numpy"
-    monkeypatch.setenv("MINIGEMMA_BACKEND", "fortran")
-    with pytest.raises(ValueError, match="MINIGEMMA_BACKEND='fortran'"):
-        kernels.default_backend()
-    monkeypatch.delenv("MINIGEMMA_BACKEND")
-    assert kernels.default_backend() == "numba"  # numba is installed here
+def test_numba_backend_is_these_kernels():
+    ops = kernels.get("numba")
+    assert ops.linear is kernels_numba.linear and ops.attention is kernels_numba.attention
+    assert ops.rms_norm is kernels_numba.rms_norm and ops.prepare is kernels_numba.prepare
+    assert kernels.get("numpy").linear is numpy_linear
     with pytest.raises(ValueError, match="backend='cuda'"):
-        kernels.use_backend("cuda")
-    with backend("numba"):
-        assert kernels.linear is kernels_numba.linear and kernels.attention is kernels_numba.attention
-        assert kernels.rms_norm is kernels_numba.rms_norm
-    with backend("numpy"):
-        assert kernels.linear is numpy_linear and kernels.attention is numpy_attention
-        assert kernels.rms_norm is kernels.REFERENCE["rms_norm"]
+        kernels.get("cuda")
 
 
 # ---- whole models ---------------------------------------------------------------------------------------------
@@ -209,10 +193,8 @@ def test_tiny_models_same_on_both_backends(model_type, kind):
     model = Gemma(config, params)
     # past the window of 5, and more than BLAS_ATTENTION_MIN_T queries: prefill takes attention_tiles
     ids = np.random.default_rng(4).integers(0, config.vocab_size, 40)
-    with backend("numpy"):
-        ref_logits, ref_text = run(model, ids)
-    with backend("numba"):
-        logits, text = run(model, ids)
+    ref_logits, ref_text = run(on(model, "numpy"), ids)
+    logits, text = run(on(model, "numba"), ids)
     assert rel_err(logits, ref_logits) < 1e-5  # float32 summation order; measured <= 1.1e-6
     assert text == ref_text
 
@@ -226,9 +208,9 @@ sys.path.insert(0, sys.argv[1])
 from test_kernels_numba import tiny_config, stored_as, random_params
 from minigemma import kernels
 from minigemma.model import Gemma
-kernels.use_backend("numba")
 config = tiny_config("gemma2")
-model = Gemma(config, stored_as(random_params(config, np.random.default_rng(5)), "int4x64"))
+model = Gemma(config, stored_as(random_params(config, np.random.default_rng(5)), "int4x64"),
+              backend=kernels.get("numba"))
 cache = model.new_cache()
 out = [model.step([1, 2, 3], cache, last_only=False), model.step([4], cache)]
 print(json.dumps(np.concatenate(out).tolist()))
@@ -242,9 +224,8 @@ print(json.dumps(np.concatenate(out).tolist()))
 
     config = tiny_config("gemma2")
     model = Gemma(config, stored_as(random_params(config, np.random.default_rng(5)), "int4x64"))
-    with backend("numpy"):
-        cache = model.new_cache()
-        ref = np.concatenate([model.step([1, 2, 3], cache, last_only=False), model.step([4], cache)])
+    cache = model.new_cache()
+    ref = np.concatenate([model.step([1, 2, 3], cache, last_only=False), model.step([4], cache)])
     assert rel_err(python_logits, ref) < 1e-5  # measured ~2e-7
 
 
@@ -261,13 +242,10 @@ def test_real_model_same_on_both_backends(real_model, quantize, request):
     else:
         import minigemma
 
-        with backend("numba"):
-            model = minigemma.load(real_model.source, quantize=quantize, progress=False, backend="numba")
+        model = minigemma.load(real_model.source, quantize=quantize, progress=False, backend="numba")
     assert quantize is None or isinstance(model.params.embed, Int8x64)
     ids = model.tokenizer.encode(PROMPT, add_bos=True)
-    with backend("numpy"):
-        ref_logits, ref_text = run(model, ids, steps=12)
-    with backend("numba"):
-        logits, text = run(model, ids, steps=12)
+    ref_logits, ref_text = run(on(model, "numpy"), ids, steps=12)
+    logits, text = run(on(model, "numba"), ids, steps=12)
     assert rel_err(logits, ref_logits) < 1e-4  # 18 layers of float32 reordering; measured ~1e-6
     assert text == ref_text
