@@ -26,7 +26,7 @@ t0 = time.perf_counter()
 if side == "minigemma":
     import minigemma
     from minigemma.generate import Sampling, Stats, generate_ids
-    model = minigemma.load(path, progress=False)
+    model = minigemma.load(path, progress=False, backend="numba")  # the benchmarks measure the fast backend
     load_s = time.perf_counter() - t0
     stats = Stats()
     out = list(generate_ids(model, ids, Sampling(max_new_tokens=n_new, ignore_eos=True), stats=stats))

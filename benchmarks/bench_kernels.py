@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from machine import line as machine_line
-from minigemma import kernels, kernels_numba
+from minigemma import kernels, kernels_numba, layers
 from minigemma.packed import Int4x64, Int8x64
 from minigemma.weights import Float16Bits, Int4, Int8
 
@@ -82,7 +82,7 @@ def main():
             if args.numpy:
                 plain = weights({"int8": "int8 (Q8_0 layout)"}.get(kind, kind), dense) if kind != "int4" else \
                     Int4.from_float(dense)
-                tn = seconds(lambda: kernels.NUMPY.linear(x, plain), budget=0.3)
+                tn = seconds(lambda: layers.linear(x, plain), budget=0.3)
                 row += f" {plain.nbytes / tn / 1e9:.2f} |"
             print(row, flush=True)
         del dense

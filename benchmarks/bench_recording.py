@@ -60,7 +60,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
 
-    model = minigemma.load(progress=False)
+    model = minigemma.load(progress=False, backend="numba")
     ids = [2] + list(np.random.default_rng(0).integers(1000, 20000, args.prompt_tokens - 1))
     n_calls = calls_per_forward(model, ids)
 

@@ -4,8 +4,8 @@ Every message names the thing at fault (a file, a tensor, a metadata field, a fl
 expected, so that one line is enough to fix the problem. The command line prints that line and exits with
 code 2 for a `UsageError`, 1 for any other `MinigemmaError`; `--debug` shows the traceback too.
 
-The base class derives from ValueError, which is what these errors were before they had their own names,
-so `except ValueError` keeps catching them.
+The base class derives from ValueError, so `except ValueError` catches them all, as it does NumPy's and the
+standard library's complaints about a bad value.
 """
 
 from __future__ import annotations

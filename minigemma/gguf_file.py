@@ -350,32 +350,45 @@ class GGUFTensor(StoredTensor):
         return block
 
     def stored(self, kind: str):
-        # Q8_0 *is* our int8 and Q4_1 our int4, byte for byte: used in place, with no copy and no requantizing
-        if (kind, self.type) == ("int8", "Q8_0"):
-            return Int8.from_q8_0(self.t.data, self.shape)
-        if (kind, self.type) == ("int4", "Q4_1"):
-            return Int4.from_q4_1(self.t.data, self.shape)
-        # Q4_0 and Q5_0 are d * k with k in -8..7 or -16..15: int8 holds that exactly with the same scale,
-        # so these are re-encoded, not requantized (no rounding at all)
-        if kind == "int8" and self.type in ("Q4_0", "Q5_0"):
-            rows, groups = self.shape[0], self.shape[1] // 32
-            blocks = np.asarray(self.t.data).reshape(rows * groups, -1)
-            d, k = symmetric_levels(blocks, self.type)
-            return Int8(q=k.reshape(rows, groups, 32), d=d.reshape(rows, groups))
-        if (kind, self.type) == ("float16", "F16"):
-            return Float16Bits(self.t.data, "float16")
-        if (kind, self.type) == ("bfloat16", "BF16"):
-            return Float16Bits(self.t.data.view(np.uint16), "bfloat16")
-        # Q4_K's 32-weight sub-blocks are on a 4-bit grid with a scale and a minimum each: int4 holds them as
-        # they are, up to the fp16 rounding of those two numbers. Asked for int8 too: requantizing a 4-bit grid
-        # to 8 bits would only add error (docs/quantization.md)
-        if kind in ("int8", "int4") and self.type == "Q4_K":
-            try:
-                return Int4.from_q4_k(self.t.data, self.shape)
-            except ValueError:  # scales beyond fp16: int8's smaller ones (amax/127) may fit; int4's would not
-                if kind == "int4":
-                    raise
+        """This tensor in storage `kind` without requantizing, if its file type allows (STORED_AS), else None."""
+        make = STORED_AS.get((kind, self.type))
+        return None if make is None else make(self, kind)
+
+
+def _int8_from_symmetric(t: GGUFTensor, kind: str) -> Int8:
+    """Q4_0 and Q5_0 are d * k with k in -8..7 or -16..15: int8 holds that exactly with the same scale, so
+    these are re-encoded, not requantized (no rounding at all)."""
+    rows, groups = t.shape[0], t.shape[1] // 32
+    d, k = symmetric_levels(np.asarray(t.t.data).reshape(rows * groups, -1), t.type)
+    return Int8(q=k.reshape(rows, groups, 32), d=d.reshape(rows, groups))
+
+
+def _int4_from_q4_k(t: GGUFTensor, kind: str):
+    """Q4_K's 32-weight sub-blocks are on a 4-bit grid with a scale and a minimum each: int4 holds them as they
+    are, up to the fp16 rounding of those two numbers. Asked for int8 too: requantizing a 4-bit grid to 8 bits
+    would only add error (docs/quantization.md). Scales beyond fp16's range: under int8, None (requantize:
+    int8's smaller scales, amax/127, may fit); under int4, the error."""
+    try:
+        return Int4.from_q4_k(t.t.data, t.shape)
+    except ValueError:
+        if kind == "int4":
+            raise
         return None
+
+
+# (requested storage, GGUF type) -> how the file's bytes become that storage without requantizing. Q8_0 *is*
+# our int8 and Q4_1 our int4, byte for byte, and the 16-bit types are our 16-bit types: used in place, with no
+# copy. Any pair not here is dequantized a block of rows at a time and converted (weights.to_weight).
+STORED_AS = {
+    ("int8", "Q8_0"): lambda t, kind: Int8.from_q8_0(t.t.data, t.shape),
+    ("int4", "Q4_1"): lambda t, kind: Int4.from_q4_1(t.t.data, t.shape),
+    ("int8", "Q4_0"): _int8_from_symmetric,
+    ("int8", "Q5_0"): _int8_from_symmetric,
+    ("int8", "Q4_K"): _int4_from_q4_k,
+    ("int4", "Q4_K"): _int4_from_q4_k,
+    ("float16", "F16"): lambda t, kind: Float16Bits(t.t.data, "float16"),
+    ("bfloat16", "BF16"): lambda t, kind: Float16Bits(t.t.data.view(np.uint16), "bfloat16"),
+}
 
 
 def load_gguf_params(reader, config: GemmaConfig, path: Path, progress: bool = True, quantize: str | None = None,

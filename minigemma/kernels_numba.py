@@ -188,7 +188,7 @@ def f32_matvec(x, w, out):
 
     BLAS's sgemv does the same as fast on an idle machine; this one exists so that decoding runs on Numba's
     threads only (kernels_numba.choose_threads), not also on OpenBLAS's, whose waiting threads cost a
-    scheduler time slice per call when the machine is busy (measured: 20 ms for a 2048 x 640 product).
+    scheduler time slice per call when the machine is busy (docs/kernels.md, "Threads").
 
     Shapes: x (T, in), w (out, in) float32, out (T, out)
     """
@@ -332,11 +332,12 @@ def flash_attention(q, k, v, q_pos, k_pos, window, scale, cap, out):
                 tile_max = f32(-np.inf)
                 for j in range(n):
                     s = s0 + j
+                    # layers.attention_mask's rule, restated for the compiled loop (tests hold the two equal)
                     if k_pos[s] > q_pos[t] or (window > 0 and k_pos[s] <= q_pos[t] - window):
                         p[j] = -np.inf  # masked: the future, or outside the window
                         continue
                     score = p[j] * f32(scale)
-                    if cap > 0:
+                    if cap > 0:  # layers.softcap, restated
                         score = f32(cap) * f32(math.tanh(score / f32(cap)))
                     p[j] = score
                     tile_max = max(tile_max, score)
@@ -401,7 +402,7 @@ def _tiled_matmul(x: np.ndarray, w, out: np.ndarray) -> None:
     """out = x @ w.T for a packed matrix, in equal tiles of about BLOCK_BYTES of float32 weights.
 
     The tiles are written into one scratch buffer per thread, reused from call to call: a fresh 4 MB array
-    per product costs a thousand page faults each time (measured: ~15% of a 500-token prefill).
+    per product costs a thousand page faults each time (docs/performance.md).
 
     Shapes: x (T, in), out (T, B*64)"""
     in_features = w.shape[1]
@@ -498,12 +499,8 @@ def attention_tiles(q, k, v, q_positions, k_positions, window, scale, cap, tile:
         for s0 in range(s_start, s_end, tile):
             s1 = min(s_end, s0 + tile)
             scores = (q_tile @ k[:, s0:s1].transpose(0, 2, 1)).reshape(K, G, n_q, s1 - s0)  # sgemm per kv head
-            scores *= f32(scale)
-            if cap:
-                scores = f32(cap) * np.tanh(scores / f32(cap))
-            visible = k_pos[None, s0:s1] <= q_pos[t0:t1, None]  # (n_q, n_k): causal ...
-            if window:
-                visible &= k_pos[None, s0:s1] > q_pos[t0:t1, None] - window  # ... and inside the window
+            scores = reference.softcap(scores * f32(scale), cap or None)
+            visible = reference.attention_mask(q_pos[t0:t1], k_pos[s0:s1], window or None)  # (n_q, n_k)
             scores = np.where(visible, scores, f32(-np.inf))
             new_max = np.maximum(run_max, scores.max(axis=-1, keepdims=True))  # > -inf: each query sees itself
             seen = np.isfinite(new_max)  # False only for queries with no visible key yet (none in this tile)
@@ -575,8 +572,8 @@ def choose_threads() -> None:
 
     Each parallel loop ends at a barrier where every thread waits for the slowest. When other processes hold
     the cores, a thread that lost its core holds everyone up for a scheduler time slice, at every one of the
-    ~130 parallel loops of a decode step: measured on this 2-core machine under a load of ~13, int8 decode
-    ran at 1.7 tok/s with 2 threads and 17 tok/s with 1 (llama.cpp's own 2-thread loop suffers the same).
+    ~130 parallel loops of a decode step: a tenfold slowdown on a busy 2-core machine (docs/kernels.md,
+    "Threads"; llama.cpp's own 2-thread loop suffers the same).
     "Busy" is a one-minute load average of at least one runnable process more than there are cores."""
     if "NUMBA_NUM_THREADS" in os.environ or not hasattr(os, "getloadavg"):
         return

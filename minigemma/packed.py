@@ -34,7 +34,7 @@ def _interleave(a: np.ndarray, blocks: int) -> np.ndarray:
 
     Copies a few blocks at a time into the preallocated result, so packing a Q8_0 view of a memory-mapped
     file never makes a second full-size temporary."""
-    out_rows, rest = a.shape[0], a.shape[1:]
+    rest = a.shape[1:]
     packed = np.zeros((blocks,) + rest + (ROWS,), a.dtype)
     step = 256  # blocks per copy: 16k rows
     for b0 in range(0, blocks, step):

@@ -36,12 +36,32 @@ def _f16(b: np.ndarray) -> np.ndarray:
     return b.view("<f2").astype(np.float32)
 
 
-def _nibbles(b: np.ndarray) -> np.ndarray:
+def unpack_nibbles(b: np.ndarray) -> np.ndarray:
     """(..., m) uint8 -> (..., 2m) uint8: the m low nibbles first, then the m high nibbles.
 
-    This is how every 4-bit ggml format packs: byte j holds element j (low) and element j + m (high),
-    so the first and second halves of a run come out contiguous."""
+    This is how every 4-bit ggml format packs, and minigemma's int4 too: byte j holds element j (low) and
+    element j + m (high), so the first and second halves of a run come out contiguous."""
     return np.concatenate([b & 0x0F, b >> 4], axis=-1)
+
+
+def pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """The inverse of unpack_nibbles: (..., 2m) levels 0..15 -> (..., m) uint8."""
+    q = q.astype(np.uint8)
+    half = q.shape[-1] // 2
+    return q[..., :half] | (q[..., half:] << 4)
+
+
+def scaled(q: np.ndarray, d: np.ndarray, m: np.ndarray | None = None) -> np.ndarray:
+    """x = d * q (+ m) per block, in float32: the dequantization of Q8_0 (d, q int8) and of Q4_1 (d, m, q in
+    0..15), and so of minigemma's int8 and int4 (weights.Int8 / Int4 are those layouts).
+
+    Shapes: q (..., 32), d and m (...) or (..., 1) -> (..., 32) float32"""
+    d = np.asarray(d).astype(np.float32).reshape(q.shape[:-1] + (1,))
+    x = q.astype(np.float32)
+    np.multiply(x, d, out=x)  # in place: the 262144x640 embedding is 670 MB of float32 already
+    if m is not None:
+        x += np.asarray(m).astype(np.float32).reshape(q.shape[:-1] + (1,))
+    return x
 
 
 # -- plain floats (one "block" = one element) ---------------------------------------------------------------
@@ -59,9 +79,7 @@ def _bf16(b):  # (n, 2) -> (n, 1)
 # block_q8_0, 34 bytes: d fp16 [0:2] | qs int8 x32 [2:34]
 #   x[i] = d * qs[i]            (quantizer: d = max|x| / 127, qs = round(x / d))
 def _q8_0(blocks):
-    d, qs = _f16(blocks[:, :2]), blocks[:, 2:].view(np.int8)
-    x = qs.astype(np.float32)  # (n, 32)
-    return np.multiply(x, d, out=x)  # in place: the 262144x640 embedding is 670 MB of float32 already
+    return scaled(blocks[:, 2:].view(np.int8), blocks[:, :2].view("<f2"))  # (n, 32)
 
 
 # block_q4_0, 18 bytes: d fp16 [0:2] | qs 16 bytes [2:18], two 4-bit weights per byte
@@ -74,8 +92,7 @@ def _q4_0(blocks):
 # block_q4_1, 20 bytes: d fp16 [0:2] | m fp16 [2:4] | qs 16 bytes [4:20]
 #   x[i] = d * q[i] + m         unsigned q with an offset m: better for blocks not centred on zero
 def _q4_1(blocks):
-    d, m, q = _f16(blocks[:, :2]), _f16(blocks[:, 2:4]), _nibbles(blocks[:, 4:])
-    return d * q.astype(np.float32) + m
+    return scaled(unpack_nibbles(blocks[:, 4:]), blocks[:, :2].view("<f2"), blocks[:, 2:4].view("<f2"))
 
 
 def _fifth_bits(qh: np.ndarray) -> np.ndarray:
@@ -97,9 +114,9 @@ def symmetric_levels(blocks: np.ndarray, name: str) -> tuple[np.ndarray, np.ndar
     levels fit int8 with the same scale, so such a tensor becomes minigemma's int8 (Q8_0 layout) exactly."""
     d = np.ascontiguousarray(blocks[:, :2]).view("<f2")[:, 0]
     if name == "Q4_0":
-        k = _nibbles(blocks[:, 2:]).astype(np.int8) - np.int8(8)
+        k = unpack_nibbles(blocks[:, 2:]).astype(np.int8) - np.int8(8)
     else:
-        k = (_nibbles(blocks[:, 6:]) | _fifth_bits(blocks[:, 2:6]) << 4).astype(np.int8) - np.int8(16)
+        k = (unpack_nibbles(blocks[:, 6:]) | _fifth_bits(blocks[:, 2:6]) << 4).astype(np.int8) - np.int8(16)
     return d, k
 
 
@@ -107,7 +124,7 @@ def symmetric_levels(blocks: np.ndarray, name: str) -> tuple[np.ndarray, np.ndar
 #   x[i] = d * (q[i] | h[i] << 4) + m
 def _q5_1(blocks):
     d, m = _f16(blocks[:, :2]), _f16(blocks[:, 2:4])
-    h, q = _fifth_bits(blocks[:, 4:8]), _nibbles(blocks[:, 8:])
+    h, q = _fifth_bits(blocks[:, 4:8]), unpack_nibbles(blocks[:, 8:])
     return d * (q | h << 4).astype(np.float32) + m
 
 
@@ -144,7 +161,7 @@ def q4_k_sub_blocks(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     n = len(blocks)
     d, dmin = _f16(blocks[:, 0:2]), _f16(blocks[:, 2:4])
     sc, m = _scales_mins_k4(blocks[:, 4:16])
-    q = _nibbles(blocks[:, 16:].reshape(n, 4, 32)).reshape(n, 8, 32)  # (n, run, 64) -> (n, sub-block, 32)
+    q = unpack_nibbles(blocks[:, 16:].reshape(n, 4, 32)).reshape(n, 8, 32)  # (n, run, 64) -> (n, sub-block, 32)
     return d * sc, -(dmin * m), q
 
 
@@ -156,7 +173,7 @@ def _q5_k(blocks):
     sc, m = _scales_mins_k4(blocks[:, 4:16])
     h = np.unpackbits(blocks[:, 16:48, None], axis=-1, bitorder="little")  # (n, l, j) = bit j of qh[l]
     h = h.transpose(0, 2, 1)  # (n, 32, 8) -> (n, 8, 32)
-    q = _nibbles(blocks[:, 48:].reshape(n, 4, 32)).reshape(n, 8, 32)
+    q = unpack_nibbles(blocks[:, 48:].reshape(n, 4, 32)).reshape(n, 8, 32)
     x = (d * sc)[:, :, None] * (q | h << 4) - (dmin * m)[:, :, None]
     return x.reshape(n, QK_K)
 
@@ -168,7 +185,7 @@ def _q5_k(blocks):
 #   nibbles of the same (that is exactly _nibbles' order), and their high bits from bits 0-1, 2-3, 4-5, 6-7 of qh[0:32].
 def _q6_k(blocks):
     n = len(blocks)
-    lo = _nibbles(blocks[:, 0:128].reshape(n, 2, 64))  # (n, half, 128)
+    lo = unpack_nibbles(blocks[:, 0:128].reshape(n, 2, 64))  # (n, half, 128)
     shifts = np.array([0, 2, 4, 6], dtype=np.uint8)[:, None]  # one per run of 32
     hi = (blocks[:, 128:192].reshape(n, 2, 1, 32) >> shifts) & 3  # (n, half, run, 32)
     q = (lo | hi.reshape(n, 2, 128) << 4).astype(np.int8) - 32  # 0..63 -> -32..31

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .quants import bf16_to_f32, q4_k_sub_blocks
+from .quants import bf16_to_f32, pack_nibbles, q4_k_sub_blocks, scaled, unpack_nibbles
 
 GROUP = 32  # weights per scale, along the input dimension
 
@@ -94,9 +94,7 @@ class Int8:
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Shapes: -> (stop - start, in) float32"""
-        q = self.q[start:stop].astype(np.float32)  # (R, G, 32)
-        q *= self.d[start:stop, :, None].astype(np.float32)
-        return q.reshape(stop - start, -1)
+        return scaled(self.q[start:stop], self.d[start:stop]).reshape(stop - start, -1)  # (R, G, 32) -> (R, in)
 
     @classmethod
     def from_float(cls, x: np.ndarray) -> "Int8":
@@ -137,11 +135,8 @@ class Int4:
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Shapes: -> (stop - start, in) float32"""
-        b = self.nibbles[start:stop]
-        q = np.concatenate([b & 0x0F, b >> 4], axis=-1).astype(np.float32)  # (R, G, 32)
-        q *= self.d[start:stop, :, None].astype(np.float32)
-        q += self.m[start:stop, :, None].astype(np.float32)
-        return q.reshape(stop - start, -1)
+        q = unpack_nibbles(self.nibbles[start:stop])  # (R, G, 16) -> (R, G, 32)
+        return scaled(q, self.d[start:stop], self.m[start:stop]).reshape(stop - start, -1)
 
     @classmethod
     def from_float(cls, x: np.ndarray) -> "Int4":
@@ -172,7 +167,7 @@ class Int4:
             best_d, best_m, best_err = (np.where(better, d, best_d), np.where(better, m, best_m),
                                         np.where(better, err, best_err))
         q = _q4_levels(groups, best_d, best_m).astype(np.uint8)
-        return cls(q[..., :16] | (q[..., 16:] << 4), best_d[..., 0].astype(np.float16),
+        return cls(pack_nibbles(q), best_d[..., 0].astype(np.float16),
                    best_m[..., 0].astype(np.float16))
 
     @classmethod
@@ -188,7 +183,7 @@ class Int4:
         if max(np.abs(scale).max(), np.abs(offset).max()) > np.finfo(np.float16).max:
             raise ValueError("Q4_K sub-block scales exceed float16's range (65504): int4 cannot hold them")
         groups = width // GROUP
-        return cls(nibbles=(q[..., :16] | q[..., 16:] << 4).reshape(rows, groups, 16),
+        return cls(nibbles=pack_nibbles(q).reshape(rows, groups, 16),
                    d=scale.astype(np.float16).reshape(rows, groups),
                    m=offset.astype(np.float16).reshape(rows, groups))
 

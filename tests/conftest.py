@@ -37,7 +37,7 @@ def hf_classes(model_type: str):
 def randomize_(model, seed: int, std: float = 0.2):
     """Random weights, far from the zero-initialised norms and tiny init of a fresh model, so logits are far
     from uniform and every norm weight matters. std 0.2 keeps float32 rounding near its floor
-    (checked against a float64 run in test_models.py)."""
+    (checked against a float64 run in test_model.py)."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
@@ -152,7 +152,26 @@ def gguf_reader(gguf_path):
 
 @pytest.fixture(scope="session")
 def real_model(gguf_path):
-    """minigemma's load of the packaged model, shared by every test that needs it."""
+    """minigemma's load of the packaged model (float32, the NumPy reference), shared by every test that needs it."""
     import minigemma
 
     return minigemma.load(gguf_path, progress=False)
+
+
+# Every oracle test runs on both backends: the NumPy reference (layers.py) and the Numba twins (kernels_numba.py).
+BACKENDS = ["numpy", "numba"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """The name of the backend under test: the tests that take this fixture run once with each."""
+    return request.param
+
+
+def on_backend(model, name: str):
+    """The same float32 model computing with another backend. Only for float32 params: both backends read
+    those as they are (Backend.prepare changes only int8/int4), so no second copy of the weights is made."""
+    from minigemma import kernels
+    from minigemma.model import Gemma
+
+    return Gemma(model.config, model.params, model._tokenizer, model.source, backend=kernels.get(name))

@@ -20,8 +20,8 @@ from minigemma.compare import compare
 from minigemma.config import FULL, SLIDING
 from minigemma.model import Gemma
 from minigemma.recording import record_forward
-from conftest import TINY, make_hf_model, save
-from test_models import _overriding
+from conftest import TINY, make_hf_model, on_backend, save
+from test_model import _overriding
 
 SEQ = 12
 
@@ -51,8 +51,9 @@ def pair(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_a_correct_model_is_within_noise_everywhere(pair, name):
+def test_a_correct_model_is_within_noise_everywhere(pair, name, backend):
     ours, hf, ids = pair(name)
+    ours = on_backend(ours, backend)
     report = compare(ours, hf, ids)
     assert report.first_departure is None, report.format()
     # well inside the threshold (3e-5): measured <= 2.2e-6 with the NumPy backend, <= 3.6e-6 with Numba's (its
@@ -104,7 +105,7 @@ def attention_probs_cap_after_mask(q, k, mask, scale, cap):
 # bug -> (model, function to replace as "module.name", the buggy version, where compare must see it start)
 BUGS = {
     "interleaved RoPE pairs": ("gemma3", "model.apply_rope", rope_interleaved, (0, "q")),
-    "norm without +1": ("gemma1", "kernels.rms_norm", rms_norm_without_plus_one, (0, "attn_norm")),
+    "norm without +1": ("gemma1", "backend.rms_norm", rms_norm_without_plus_one, (0, "attn_norm")),
     "exact GELU": ("gemma2", "layers.gelu_tanh", gelu_exact, (0, "mlp_out")),
     "missing embedding scale": ("gemma3", "model.embed", embed_unscaled, (None, "embed")),
     "soft-cap after the mask": ("gemma2", "layers.attention_probs", attention_probs_cap_after_mask, (0, "probs")),
@@ -116,9 +117,11 @@ def test_compare_names_where_an_injected_bug_starts(pair, bug, monkeypatch):
     name, target, buggy, (layer, step) = BUGS[bug]
     ours, hf, ids = pair(name)
     module, function = target.split(".")
-    monkeypatch.setattr(getattr(minigemma, module), function, buggy)
-    # the NumPy attention, which calls layers.attention_probs: a compiled backend's kernel would not see that bug
-    monkeypatch.setattr(kernels, "attention", kernels.REFERENCE["attention"])
+    if module == "backend":  # a bug in one of the backend's operations: a backend value that has it
+        ours = Gemma(ours.config, ours.params, backend=dataclasses.replace(kernels.NUMPY, **{function: buggy}))
+    else:  # the reference backend (the model's, from load()) calls these through their modules
+        monkeypatch.setattr(getattr(minigemma, module), function, buggy)
+    assert ours.backend.name == "numpy"  # a compiled attention kernel would not see a bug in attention_probs
     report = compare(ours, hf, ids)
     first = report.first_departure
     assert first is not None and (first.layer, first.step) == (layer, step), report.format()

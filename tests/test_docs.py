@@ -4,7 +4,7 @@ Read: README.md, the READMEs of tutorials/ and minigemma/configs/, docs/*.md, an
 notebook in tutorials/ (their code cells are run by test_tutorials.py, which catches a stale name there). The
 rules are narrow on purpose, so prose is never mistaken for a name:
 
-  * paths that start with one of this repository's folders (`minigemma/layers.py`, `tests/test_models.py`,
+  * paths that start with one of this repository's folders (`minigemma/layers.py`, `tests/test_model.py`,
     `tutorials/04_attention.ipynb`), anywhere in the text, must exist;
   * relative markdown links and images, `[text](../minigemma/model.py)`, must point at an existing file;
   * in `backticks`: a dotted name rooted in the package (`minigemma.layers.rms_norm`, `minigemma.model:forward`,
@@ -194,7 +194,7 @@ def test_the_rules_catch_stale_names_and_leave_prose_alone():
     fine = ("`minigemma.layers.rms_norm`, `minigemma.model:forward`, `minigemma.load(source)`, "
             "`GemmaConfig.qk_norm`, `LayerParams.q_norm`, `LayerCache.update`, `rms_norm()`, `--top-k 40`, "
             "`model.forward(ids)`, `layers.mlp`, `config.json`, `tokenizer.model`, `model.norm.weight`, "
-            "[architecture](architecture.md#shapes), minigemma/layers.py, tests/test_models.py, "
+            "[architecture](architecture.md#shapes), minigemma/layers.py, tests/test_model.py, "
             "`RMSNorm(add_unit_offset=True)`, `np.memmap(path)`, `pip install -e .`, models/gemma/x.py, "
             "https://example.org/tests/none.py, the minigemma. package, --flags in prose")
     assert missing_names(fine, base) == []

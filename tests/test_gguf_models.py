@@ -3,7 +3,7 @@ Gemma (tests/gguf_convert.py), then loaded by minigemma from both files.
 
 Oracles, all computed in the test:
   * minigemma's own safetensors path on the same HF checkpoint (itself checked against transformers in
-    test_models.py): the F32 GGUF must give the same logits and the same config;
+    test_model.py): the F32 GGUF must give the same logits and the same config;
   * transformers loading the same GGUF (Gemma 2 and 3 only: transformers has no `gemma` GGUF architecture),
     an independent reading of the names, the dims order and the norm +1;
   * gguf's own dequantizer: Q8_0/F16/BF16 files must give exactly the logits of the safetensors path run on

@@ -3,7 +3,7 @@
 Equal means within float32 summation order: the compiled kernels add the same products in another order
 (and with fused multiply-adds), so each bound below is a small multiple of float32 epsilon times the sum of
 the magnitudes of the terms, not a fixed number. NumPy-vs-Numba equality cannot catch a mistake both share;
-the oracle tests (test_models.py, test_layers.py) do that for the reference.
+the oracle tests (test_model.py, test_layers.py) do that for the reference.
 """
 
 from __future__ import annotations
@@ -20,22 +20,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import random_params, rel_err
-from minigemma import kernels, kernels_numba
+from minigemma import kernels, kernels_numba, layers
 from minigemma.config import GemmaConfig
 from minigemma.generate import Sampling, generate_ids
 from minigemma.model import Gemma
-from minigemma.packed import Int4x64, Int8x64
 from minigemma.params import LayerParams, Params
+from minigemma.packed import Int4x64, Int8x64
 from minigemma.weights import Float16Bits, Int4, Int8
 
-numpy_linear = kernels.NUMPY.linear
-numpy_attention = kernels.NUMPY.attention
+numpy_linear = layers.linear  # the reference twins
+numpy_attention = layers.causal_attention
 EPS = np.finfo(np.float32).eps
-
-
-def on(model: Gemma, name: str) -> Gemma:
-    """The same config, params and tokenizer, computed with backend `name` (a model holds its backend)."""
-    return Gemma(model.config, model.params, model._tokenizer, source=model.source, backend=kernels.get(name))
 
 
 def make_weight(kind: str, x: np.ndarray):
@@ -139,23 +134,12 @@ def test_rms_norm_equals_numpy(lead, width, scale, transposed, seed):
         x = x.transpose(1, 0, 2)
     w = rng.standard_normal(width).astype(np.float32)
     ours = kernels_numba.rms_norm(x, w, 1e-6)
-    ref = kernels.NUMPY.rms_norm(x, w, 1e-6)
+    ref = layers.rms_norm(x, w, 1e-6)
     assert ours.shape == ref.shape and ours.dtype == np.float32
     # each output is x_i / rms * (1 + w_i), |x_i / rms| <= sqrt(N): a relative error of a few eps in rms (the
     # sum of squares in another order) and one rounding each for the divide and the multiply
     bound = 8 * EPS * np.sqrt(width) * (1 + np.abs(w))
     assert np.all(np.abs(ours - ref) <= bound)
-
-
-# ---- the backend value ---------------------------------------------------------------------------------------
-
-def test_numba_backend_is_these_kernels():
-    ops = kernels.get("numba")
-    assert ops.linear is kernels_numba.linear and ops.attention is kernels_numba.attention
-    assert ops.rms_norm is kernels_numba.rms_norm and ops.prepare is kernels_numba.prepare
-    assert kernels.get("numpy").linear is numpy_linear
-    with pytest.raises(ValueError, match="backend='cuda'"):
-        kernels.get("cuda")
 
 
 # ---- whole models ---------------------------------------------------------------------------------------------
@@ -190,11 +174,10 @@ def run(model: Gemma, ids, steps: int = 6):
 def test_tiny_models_same_on_both_backends(model_type, kind):
     config = tiny_config(model_type)
     params = stored_as(random_params(config, np.random.default_rng(3)), kind)
-    model = Gemma(config, params)
     # past the window of 5, and more than BLAS_ATTENTION_MIN_T queries: prefill takes attention_tiles
     ids = np.random.default_rng(4).integers(0, config.vocab_size, 40)
-    ref_logits, ref_text = run(on(model, "numpy"), ids)
-    logits, text = run(on(model, "numba"), ids)
+    ref_logits, ref_text = run(Gemma(config, params, backend=kernels.NUMPY), ids)
+    logits, text = run(Gemma(config, params, backend=kernels.get("numba")), ids)
     assert rel_err(logits, ref_logits) < 1e-5  # float32 summation order; measured <= 1.1e-6
     assert text == ref_text
 
@@ -223,7 +206,7 @@ print(json.dumps(np.concatenate(out).tolist()))
     python_logits = np.array(json.loads(done.stdout))
 
     config = tiny_config("gemma2")
-    model = Gemma(config, stored_as(random_params(config, np.random.default_rng(5)), "int4x64"))
+    model = Gemma(config, stored_as(random_params(config, np.random.default_rng(5)), "int4x64"))  # NumPy
     cache = model.new_cache()
     ref = np.concatenate([model.step([1, 2, 3], cache, last_only=False), model.step([4], cache)])
     assert rel_err(python_logits, ref) < 1e-5  # measured ~2e-7
@@ -237,15 +220,17 @@ PROMPT = "The three primary colours are"
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_real_model_same_on_both_backends(real_model, quantize, request):
     """Same logits and the same greedy text, float32 (the shared fixture) and int8 (packed for Numba)."""
-    if quantize is None:
-        model = real_model
-    else:
-        import minigemma
+    import minigemma
+    from conftest import on_backend
 
+    if quantize is None:
+        reference, model = real_model, on_backend(real_model, "numba")
+    else:
         model = minigemma.load(real_model.source, quantize=quantize, progress=False, backend="numba")
+        reference = Gemma(model.config, model.params, model.tokenizer, backend=kernels.NUMPY)  # packed: read by rows()
     assert quantize is None or isinstance(model.params.embed, Int8x64)
     ids = model.tokenizer.encode(PROMPT, add_bos=True)
-    ref_logits, ref_text = run(on(model, "numpy"), ids, steps=12)
-    logits, text = run(on(model, "numba"), ids, steps=12)
+    ref_logits, ref_text = run(reference, ids, steps=12)
+    logits, text = run(model, ids, steps=12)
     assert rel_err(logits, ref_logits) < 1e-4  # 18 layers of float32 reordering; measured ~1e-6
     assert text == ref_text

@@ -15,8 +15,6 @@ bound, derived at `rope_atol`.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
@@ -28,10 +26,8 @@ from transformers.models.gemma2 import modeling_gemma2 as hf_gemma2
 from transformers.models.gemma3 import modeling_gemma3 as hf_gemma3
 
 from conftest import randomize_  # matrices N(0, 0.2^2), norm gains N(0, 0.5^2): (1 + w) far from 1
-from minigemma import kernels, layers, model
+from minigemma import layers
 from minigemma.config import FULL, SLIDING, GemmaConfig
-from minigemma.kvcache import KVCache
-from minigemma.params import LayerParams
 
 EPS32 = 2.0**-23  # float32 machine epsilon
 RTOL = 1e-5  # see the module docstring
@@ -290,203 +286,6 @@ def test_attention_mask(case, window):
         assert np.array_equal(ours, q_pos[:, None] == k_pos[None, :])
 
 
-# ---- Attention and blocks against transformers modules ---------------------------------------------------
-
-TINY = dict(vocab_size=32, hidden_size=64, intermediate_size=96, max_position_embeddings=512)
-
-# name -> (transformers config class, config kwargs, layer index). Each says what it is there to cover.
-ATTN_CASES = {
-    # Gemma 1 multi-head (K = H, as gemma-7b) with H * Dh = 128 != D = 64
-    "gemma1-mha": (transformers.GemmaConfig, dict(num_attention_heads=4, num_key_value_heads=4, head_dim=32,
-                                                  num_hidden_layers=1), 0),
-    # Gemma 1 multi-query (K = 1, as gemma-2b)
-    "gemma1-mqa": (transformers.GemmaConfig, dict(num_attention_heads=4, num_key_value_heads=1, head_dim=16,
-                                                  num_hidden_layers=1), 0),
-    # Gemma 2 grouped-query, sliding layer 0 (window 4 < T), soft-cap 2.0 small enough to bite, and a
-    # query_pre_attn_scalar that is not head_dim
-    "gemma2-sliding-softcap": (transformers.Gemma2Config, dict(
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_hidden_layers=2, sliding_window=4,
-        attn_logit_softcapping=2.0, query_pre_attn_scalar=24), 0),
-    # Gemma 2 global layer 1
-    "gemma2-full": (transformers.Gemma2Config, dict(
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_hidden_layers=2, sliding_window=4,
-        attn_logit_softcapping=2.0), 1),
-    # Gemma 3: QK-norm; sliding layer with base 1e4
-    "gemma3-sliding": (transformers.Gemma3TextConfig, dict(
-        num_attention_heads=4, num_key_value_heads=1, head_dim=32, num_hidden_layers=2, sliding_window=5,
-        layer_types=[SLIDING, FULL],
-        rope_parameters={FULL: {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0},
-                         SLIDING: {"rope_type": "default", "rope_theta": 1e4}}), 0),
-    # Gemma 3 global layer: base 1e6 and linear scaling x8
-    "gemma3-full-linear": (transformers.Gemma3TextConfig, dict(
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_hidden_layers=2, sliding_window=5,
-        layer_types=[SLIDING, FULL],
-        rope_parameters={FULL: {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0},
-                         SLIDING: {"rope_type": "default", "rope_theta": 1e4}}), 1),
-}
-
-HF_MODULES = {  # config class -> (attention, decoder layer, rotary embedding)
-    transformers.GemmaConfig: (hf_gemma.GemmaAttention, hf_gemma.GemmaDecoderLayer, hf_gemma.GemmaRotaryEmbedding),
-    transformers.Gemma2Config: (hf_gemma2.Gemma2Attention, hf_gemma2.Gemma2DecoderLayer,
-                                hf_gemma2.Gemma2RotaryEmbedding),
-    transformers.Gemma3TextConfig: (hf_gemma3.Gemma3Attention, hf_gemma3.Gemma3DecoderLayer,
-                                    hf_gemma3.Gemma3RotaryEmbedding),
-}
-
-
-def hf_setup(name, **changes):
-    """The transformers config, our config built from its dict, and the layer index."""
-    config_cls, kwargs, layer = ATTN_CASES[name]
-    hf_config = config_cls(**TINY, **{**kwargs, **changes}, attn_implementation="eager")
-    return hf_config, GemmaConfig.from_hf_dict(hf_config.to_dict()), layer
-
-
-def hf_position_embeddings(hf_config, layer, positions, x):
-    rotary = HF_MODULES[type(hf_config)][2](hf_config)
-    pos = torch.as_tensor(positions)[None]
-    if isinstance(hf_config, transformers.Gemma3TextConfig):
-        return rotary(x, pos, hf_config.layer_types[layer])
-    return rotary(x, pos)
-
-
-def additive_mask(positions, window) -> torch.Tensor:
-    """(1, 1, T, T) float mask, 0 where allowed and float32's most negative value elsewhere (as transformers'
-    eager masks), built from the definition: j <= i, and i - W < j on sliding layers."""
-    i, j = np.asarray(positions)[:, None], np.asarray(positions)[None, :]
-    allowed = (j <= i) & ((j > i - window) if window is not None else True)
-    return torch.where(torch.as_tensor(allowed), 0.0, torch.finfo(torch.float32).min)[None, None]
-
-
-def our_rope(c: GemmaConfig, layer: int, positions):
-    r = c.layer_rope(layer)
-    return layers.rope_angles(positions, c.head_dim, r.theta, r.factor)
-
-
-DUMMY = np.zeros(0, np.float32)
-
-
-def attention_params(attn) -> dict:
-    out = {f: np_(getattr(attn, f).weight) for f in ("q_proj", "k_proj", "v_proj", "o_proj")}
-    if hasattr(attn, "q_norm"):
-        out |= {"q_norm": np_(attn.q_norm.weight), "k_norm": np_(attn.k_norm.weight)}
-    return out
-
-
-T_SEQ = 12
-
-
-def attention_outputs(hf_config, c: GemmaConfig, layer: int, positions, seed: int):
-    """(ours, transformers') attention output for the same random weights and input."""
-    attn = randomize_(HF_MODULES[type(hf_config)][0](hf_config, layer), seed=seed)
-    assert c.layer_window(layer) == getattr(attn, "sliding_window", None)  # same layer kind on both sides
-    x = np.random.default_rng(seed).standard_normal((len(positions), c.hidden_size)).astype(np.float32)
-    with torch.no_grad():
-        xt = t(x)[None]
-        ref, _ = attn(xt, position_embeddings=hf_position_embeddings(hf_config, layer, positions, xt),
-                      attention_mask=additive_mask(positions, c.layer_window(layer)))
-    p = LayerParams(input_norm=DUMMY, pre_mlp_norm=DUMMY, gate_proj=DUMMY, up_proj=DUMMY, down_proj=DUMMY,
-                    **attention_params(attn))
-    ours = model.self_attention(x, p, c, layer, our_rope(c, layer, positions), c.layer_window(layer),
-                                KVCache(c).layers[layer], positions)
-    return ours, ref[0].numpy()
-
-
-@pytest.mark.parametrize("start", [0, 37])  # positions need not start at 0: RoPE and mask use absolute ones
-@pytest.mark.parametrize("name", list(ATTN_CASES))
-def test_self_attention_matches_transformers(name, start):
-    hf_config, c, layer = hf_setup(name)
-    ours, ref = attention_outputs(hf_config, c, layer, np.arange(start, start + T_SEQ), seed=len(name))
-    assert ours.dtype == np.float32
-    assert_close(ours, ref)
-
-
-def test_gemma3_attention_ignores_attn_logit_softcapping_as_transformers_does():
-    hf_config, c, layer = hf_setup("gemma3-sliding", attn_logit_softcapping=2.0)
-    assert hf_config.attn_logit_softcapping == 2.0
-    ours, ref = attention_outputs(hf_config, c, layer, np.arange(T_SEQ), seed=12)
-    assert_close(ours, ref)
-
-
-@pytest.mark.parametrize("name", ["gemma2-sliding-softcap", "gemma3-sliding", "gemma1-mqa"])
-def test_self_attention_in_two_calls_matches_transformers(name):
-    """Prefill 7 tokens, then 5 more through the same KV cache: the continuation's queries start at position
-    7 and (on sliding layers) see keys the cache has trimmed to its window. Compared with transformers on the
-    whole sequence at once."""
-    hf_config, c, layer = hf_setup(name)
-    attn = randomize_(HF_MODULES[type(hf_config)][0](hf_config, layer), seed=7)
-    positions = np.arange(T_SEQ)
-    x = np.random.default_rng(8).standard_normal((T_SEQ, c.hidden_size)).astype(np.float32)
-    with torch.no_grad():
-        xt = t(x)[None]
-        ref, _ = attn(xt, position_embeddings=hf_position_embeddings(hf_config, layer, positions, xt),
-                      attention_mask=additive_mask(positions, c.layer_window(layer)))
-    ref = ref[0].numpy()
-
-    p = LayerParams(input_norm=DUMMY, pre_mlp_norm=DUMMY, gate_proj=DUMMY, up_proj=DUMMY, down_proj=DUMMY,
-                    **attention_params(attn))
-    cache = KVCache(c)
-    parts = []
-    for s in (slice(0, 7), slice(7, T_SEQ)):
-        parts.append(model.self_attention(x[s], p, c, layer, our_rope(c, layer, positions[s]), c.layer_window(layer),
-                                          cache.layers[layer], positions[s]))
-        cache.length += len(positions[s])  # commit, as model.forward does
-    assert_close(np.concatenate(parts), ref)
-
-
-def test_softcap_and_window_change_attention():
-    """The Gemma 2 case above would not notice a missing soft-cap or window if they had no effect on it."""
-    hf_config, c, layer = hf_setup("gemma2-sliding-softcap")
-    attn = randomize_(hf_gemma2.Gemma2Attention(hf_config, layer), seed=9)
-    p = LayerParams(input_norm=DUMMY, pre_mlp_norm=DUMMY, gate_proj=DUMMY, up_proj=DUMMY, down_proj=DUMMY,
-                    **attention_params(attn))
-    positions = np.arange(T_SEQ)
-    x = np.random.default_rng(9).standard_normal((T_SEQ, c.hidden_size)).astype(np.float32)
-    rope = our_rope(c, layer, positions)
-    base = model.self_attention(x, p, c, layer, rope, c.layer_window(layer), KVCache(c).layers[layer], positions)
-    no_cap = dataclasses.replace(c, attn_logit_softcapping=None)
-    no_window = dataclasses.replace(c, layer_types=(FULL,) * c.num_hidden_layers)
-    for other in (no_cap, no_window):
-        diff = model.self_attention(x, p, other, layer, rope, other.layer_window(layer),
-                                    KVCache(other).layers[layer], positions) - base
-        assert np.max(np.abs(diff)) > 1e3 * RTOL * np.max(np.abs(base))
-
-
-def block_params(layer_module, version: int) -> LayerParams:
-    """Our LayerParams from a transformers decoder layer, mapping the norms by what they do: in Gemma 1
-    `post_attention_layernorm` is the norm before the MLP; in Gemma 2/3 it norms the attention output."""
-    m = layer_module
-    mlp = {f: np_(getattr(m.mlp, f).weight) for f in ("gate_proj", "up_proj", "down_proj")}
-    common = dict(input_norm=np_(m.input_layernorm.weight), **attention_params(m.self_attn), **mlp)
-    if version == 1:
-        return LayerParams(pre_mlp_norm=np_(m.post_attention_layernorm.weight), **common)
-    return LayerParams(post_attn_norm=np_(m.post_attention_layernorm.weight),
-                       pre_mlp_norm=np_(m.pre_feedforward_layernorm.weight),
-                       post_mlp_norm=np_(m.post_feedforward_layernorm.weight), **common)
-
-
-@pytest.mark.parametrize("name,version", [("gemma1-mha", 1), ("gemma1-mqa", 1), ("gemma2-sliding-softcap", 2),
-                                          ("gemma2-full", 2), ("gemma3-sliding", 3), ("gemma3-full-linear", 3)])
-def test_block_matches_transformers(name, version):
-    hf_config, c, layer = hf_setup(name)
-    decoder = randomize_(HF_MODULES[type(hf_config)][1](hf_config, layer), seed=10 + version)
-    assert c.sandwich_norms == (version > 1) and c.qk_norm == (version == 3)
-    positions = np.arange(5, 5 + T_SEQ)
-    x = np.random.default_rng(11).standard_normal((T_SEQ, c.hidden_size)).astype(np.float32) * 3
-    with torch.no_grad():
-        xt = t(x)[None]
-        ref = decoder(xt, position_embeddings=hf_position_embeddings(hf_config, layer, positions, xt),
-                      attention_mask=additive_mask(positions, c.layer_window(layer)),
-                      position_ids=torch.as_tensor(positions)[None])
-    ref = (ref[0] if isinstance(ref, tuple) else ref)[0].numpy()
-
-    ours = model.block(x, block_params(decoder, version), c, layer, our_rope(c, layer, positions),
-                       c.layer_window(layer), KVCache(c).layers[layer], positions)
-    assert ours.dtype == np.float32
-    assert_close(ours, ref)
-    # the block is residual: the output is not just its input
-    assert np.max(np.abs(ours - x)) > 1e-2
-
-
 # ---- Soft-cap and the final stage (final norm, tied head, final soft-cap) -------------------------------
 
 @pytest.mark.parametrize("cap", [0.5, 30.0, 50.0])  # 30: Gemma 2's final cap, 50: its attention cap
@@ -505,6 +304,9 @@ def test_softcap_is_cap_times_tanh_of_x_over_cap(cap):
     small = np.abs(x) < cap * 1e-3
     np.testing.assert_allclose(ours[small], x[small], rtol=1e-6)  # the identity near 0
     assert np.array_equal(layers.softcap(x, None), x)  # None: no cap
+
+
+TINY = dict(vocab_size=32, hidden_size=64, intermediate_size=96, max_position_embeddings=512)
 
 
 def tiny_gemma2_lm(final_cap: float, seed: int):
@@ -550,12 +352,12 @@ def test_final_stage_matches_gemma2_for_causal_lm():
     ref = run_replacing(lm, lm.model.norm, inputs=h, T=T)
 
     normed = layers.rms_norm(h, np_(lm.model.norm.weight), c.rms_norm_eps)
-    uncapped = kernels.linear(normed, np_(lm.model.embed_tokens.weight))  # (T, D) @ (D, V) -> (T, V)
+    uncapped = layers.linear(normed, np_(lm.model.embed_tokens.weight))  # (T, D) @ (D, V) -> (T, V)
     ours = layers.softcap(uncapped, c.final_logit_softcapping)
     assert ours.dtype == np.float32 and ours.shape == (T, c.vocab_size)
     assert_close(ours, ref)
     # the cap and the norm gain both change the answer here, so the match above covers them
     assert np.max(np.abs(uncapped - ref)) > 1.0
-    no_gain = layers.softcap(kernels.linear(layers.rms_norm(h, np.zeros(c.hidden_size, np.float32),
+    no_gain = layers.softcap(layers.linear(layers.rms_norm(h, np.zeros(c.hidden_size, np.float32),
                                                             c.rms_norm_eps), np_(lm.model.embed_tokens.weight)), 3.0)
     assert np.max(np.abs(no_gain - ref)) > 1e-2

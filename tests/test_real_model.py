@@ -1,4 +1,5 @@
-"""The real Gemma 3 270M (the packaged Q4_K_M GGUF): minigemma against transformers loading the same file.
+"""The real Gemma 3 270M (the packaged Q4_K_M GGUF): minigemma against transformers loading the same file, on both
+backends (the float32 weights are shared: both read float32 as it is).
 
 transformers dequantizes the GGUF with the gguf package and runs in float32, so both sides start from the
 same numbers; differences are float32 rounding in a different order. Each prompt has the bound its own
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import rel_err
+from conftest import BACKENDS, on_backend, rel_err
 from minigemma.generate import Sampling, generate_ids
 
 pytestmark = pytest.mark.slow
@@ -48,10 +49,17 @@ def hf_model(gguf_path):
                                                 dtype=torch.float32).eval()
 
 
-@pytest.fixture(scope="module", params=list(PROMPTS))
-def run(request, real_model, hf_model):
-    """Both greedy continuations, and both sets of logits over prompt + continuation."""
-    prompt_ids = real_model.tokenizer.encode(PROMPTS[request.param])
+_transformers_runs = {}  # prompt -> transformers' run, computed once for both backends
+
+
+def transformers_run(hf_model, prompt_ids):
+    key = tuple(prompt_ids)
+    if key not in _transformers_runs:
+        _transformers_runs[key] = _run_transformers(hf_model, prompt_ids)
+    return _transformers_runs[key]
+
+
+def _run_transformers(hf_model, prompt_ids):
     with torch.no_grad():
         out = hf_model.generate(torch.tensor([prompt_ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
                                 output_logits=True, return_dict_in_generate=True)
@@ -59,9 +67,19 @@ def run(request, real_model, hf_model):
         step_logits = torch.stack(out.logits)[:, 0].numpy()  # (NEW_TOKENS, V)
         full = prompt_ids + hf_continuation
         hf_logits = hf_model(torch.tensor([full])).logits[0].numpy()
-    ours = list(generate_ids(real_model, prompt_ids, Sampling(max_new_tokens=NEW_TOKENS, ignore_eos=True)))
-    return dict(name=request.param, prompt_ids=prompt_ids, hf_continuation=hf_continuation, step_logits=step_logits,
-                hf_logits=hf_logits, our_continuation=ours, our_logits=real_model.forward(full))
+    return dict(hf_continuation=hf_continuation, step_logits=step_logits, hf_logits=hf_logits, full=full)
+
+
+@pytest.fixture(scope="module", params=[(p, b) for p in PROMPTS for b in BACKENDS], ids="-".join)
+def run(request, real_model, hf_model):
+    """Both greedy continuations, and both sets of logits over prompt + continuation."""
+    prompt, backend = request.param
+    model = on_backend(real_model, backend)
+    prompt_ids = model.tokenizer.encode(PROMPTS[prompt])
+    theirs = transformers_run(hf_model, prompt_ids)
+    ours = list(generate_ids(model, prompt_ids, Sampling(max_new_tokens=NEW_TOKENS, ignore_eos=True)))
+    return dict(name=prompt, prompt_ids=prompt_ids, our_continuation=ours, our_logits=model.forward(theirs["full"]),
+                **theirs)
 
 
 def top2_margin(logits):

@@ -64,7 +64,6 @@ def test_notebook_runs(path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(TUTORIALS.parent),
                                                                    os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
-    monkeypatch.setenv("MINIGEMMA_BACKEND", "numpy")  # as run_all.py: the reference code the notebooks print
 
     notebook = run_all().run(path)  # raises CellExecutionError naming the failing cell
 

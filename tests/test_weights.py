@@ -1,4 +1,4 @@
-"""Weight types (minigemma/weights.py) and the NumPy kernels that read them (minigemma/kernels.py).
+"""Weight types (minigemma/weights.py) and the NumPy reference that reads them (layers.linear, layers.embedding_rows).
 
 Oracles: the gguf package's own Q8_0 / Q4_1 quantizers and dequantizers (our int8 and int4 are those formats,
 byte for byte), torch's bfloat16 rounding, and float64 products computed here on the dequantized weights.
@@ -14,7 +14,7 @@ from gguf import quants as gguf_quants
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import minigemma
-from minigemma import kernels, weights
+from minigemma import layers, weights
 from minigemma.weights import Float16Bits, Int4, Int8, dequantize, to_weight
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -222,7 +222,7 @@ def test_linear_equals_a_float64_product_on_the_dequantized_weights(small_blocks
     x = rng.standard_normal((tokens, width)).astype(np.float32)
     W = dequantize(w).astype(np.float64)
     expected = x.astype(np.float64) @ W.T
-    ours = kernels.linear(x, w)
+    ours = layers.linear(x, w)
     assert ours.shape == (tokens, out) and ours.dtype == np.float32
     bound = width * EPS32 * (np.abs(x).astype(np.float64) @ np.abs(W).T) + 1e-30
     assert (np.abs(ours - expected) <= bound).all()
@@ -234,7 +234,7 @@ def test_embedding_rows_are_the_dequantized_rows(kind):
     table = matrix(rng, 50, 64)
     w = table if kind == "float32" else MAKE[kind](table)
     ids = np.array([0, 49, 7, 7, 25])
-    np.testing.assert_array_equal(kernels.embedding_rows(w, ids), dequantize(w)[ids])
+    np.testing.assert_array_equal(layers.embedding_rows(w, ids), dequantize(w)[ids])
 
 
 # ---- converting while loading -----------------------------------------------------------------------------
@@ -268,15 +268,8 @@ def test_conversion_goes_a_block_of_rows_at_a_time(monkeypatch, kind):
 
 
 # ---- whole models ------------------------------------------------------------------------------------------
-# Loaded with the NumPy backend: these tests are about the reference weight types (the Numba backend repacks
-# int8/int4 into its own layouts, tested in test_kernels_numba.py). load() sets the backend for the process,
-# so each test hands the default back.
-
-@pytest.fixture(autouse=True)
-def default_backend_after():
-    yield
-    kernels.use_backend()
-
+# Loaded with the NumPy backend (load()'s default): these tests are about the reference weight types (the Numba
+# backend repacks int8/int4 into its own layouts, tested in test_kernels_numba.py).
 
 @pytest.fixture(scope="module")
 def tiny_bf16_dir(tmp_path_factory):
@@ -292,7 +285,7 @@ def test_bfloat16_checkpoint_is_used_in_place(tiny_bf16_dir):
 
     ids = np.arange(1, 30) % 150
     ref = minigemma.load(tiny_bf16_dir)
-    m = minigemma.load(tiny_bf16_dir, dtype="bfloat16", backend="numpy")
+    m = minigemma.load(tiny_bf16_dir, dtype="bfloat16")
     q = m.params.layers[0].q_proj
     assert isinstance(q, Float16Bits) and q.dtype == "bfloat16" and not q.data.flags.owndata
     assert m.params.layers[0].input_norm.dtype == np.float32  # norms stay float32
@@ -316,7 +309,7 @@ def test_quantized_model_is_the_model_on_dequantized_weights(tiny_bf16_dir, quan
     from conftest import rel_err
 
     ids = np.arange(1, 30) % 150
-    m = minigemma.load(tiny_bf16_dir, quantize=quantize, backend="numpy")
+    m = minigemma.load(tiny_bf16_dir, quantize=quantize)
     assert isinstance(m.params.embed, Int8)  # int4 keeps the tied embedding / head at int8
     assert isinstance(m.params.layers[0].q_proj, Int8 if quantize == "int8" else Int4)
     widened = widen(m.params)
@@ -329,7 +322,7 @@ def test_int4_keeps_the_sensitive_matrices_at_int8(tiny_bf16_dir):
     """Under "int4" the tied embedding, every v_proj, and down_proj in llama.cpp's "more bits" blocks stay
     int8 (weights.storage_for); everything else is int4. With 4 blocks, use_more_bits picks the last eighth
     (block 3) and every third from the first eighth on (block 2)."""
-    m = minigemma.load(tiny_bf16_dir, quantize="int4", backend="numpy")
+    m = minigemma.load(tiny_bf16_dir, quantize="int4")
     assert m.config.num_hidden_layers == 4 and [i for i in range(4) if weights.more_bits(i, 4)] == [2, 3]
     assert isinstance(m.params.embed, Int8)
     for i, layer in enumerate(m.params.layers):
@@ -355,7 +348,7 @@ def test_gguf_q8_0_tensors_are_used_as_stored(gguf_path, gguf_reader):
     tensors are re-encoded exactly, its Q4_K tensors kept on their grid as int4; only Q6_K is requantized."""
     from minigemma.params import LAYER_TENSORS
 
-    m = minigemma.load(gguf_path, quantize="int8", progress=False, backend="numpy")
+    m = minigemma.load(gguf_path, quantize="int8", progress=False)
     field = {s.gguf: s.field for s in LAYER_TENSORS}
 
     def param(name):  # the loaded weight of a GGUF tensor name

@@ -59,9 +59,8 @@ def main(words: list[str]) -> int:
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"  # PNGs into the outputs
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    # The NumPy reference: the functions the notebooks print with inspect.getsource are the ones that run (and the
-    # stored outputs carry no Numba compile or thread messages). A notebook about the kernels picks Numba itself.
-    os.environ.setdefault("MINIGEMMA_BACKEND", "numpy")
+    # (minigemma.load() gives the NumPy reference, so the functions the notebooks print with inspect.getsource
+    # are the ones that run; a notebook that wants speed asks for backend="numba" itself.)
     os.environ["PYTHONWARNINGS"] = "ignore:IProgress not found"  # tqdm's warning on importing transformers
     paths = [p for p in sorted(TUTORIALS.glob("*.ipynb")) if not words or any(w in p.stem for w in words)]
     if not paths:
