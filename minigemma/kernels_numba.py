@@ -87,8 +87,7 @@ def int8x64_matvec(x, q, d, out):
 
     Four inputs per pass over the rows: the 64 partial sums live in an array, so every pass loads and stores
     them (4 zmm or 8 ymm registers); with one input per pass those loads and stores were as many instructions
-    as the multiply-adds. Measured on the LM head shape, one thread: 1.4x on AMD Zen 4, and the code
-    compiled for Intel (rocketlake) 1.3x (docs/kernels.md, "What LLVM makes of the kernels").
+    as the multiply-adds (docs/kernels.md, "What LLVM makes of the kernels, per CPU").
 
     Shapes: x (T, in), q (B, G, 32, 64) int8, d (B, G, 64) uint16 (fp16 bits), out (T, B*64)
     """
