@@ -138,15 +138,13 @@ def int4x64_matvec(x, nibbles, d, m, out):
             for g in range(G):
                 part[:] = 0
                 xsum = f32(0)
-                for j in range(0, half, 2):  # two bytes (four weights) per pass over the rows, as int8x64_matvec
-                    i = g * GROUP + j
-                    lo0, hi0, lo1, hi1 = x[t, i], x[t, i + half], x[t, i + 1], x[t, i + 1 + half]
-                    xsum += lo0 + hi0 + lo1 + hi1
-                    hi0_minus, hi1_minus = hi0 - f32(16) * lo0, hi1 - f32(16) * lo1
+                for j in range(half):  # one byte per pass: unlike int8x64_matvec, unrolling made it slower (docs/kernels.md)
+                    x_lo, x_hi = x[t, g * GROUP + j], x[t, g * GROUP + j + half]
+                    xsum += x_lo + x_hi
+                    x_hi_minus = x_hi - f32(16) * x_lo
                     for r in range(ROWS):
-                        byte0, byte1 = f32(nibbles[b, g, j, r]), f32(nibbles[b, g, j + 1, r])
-                        part[r] += (lo0 * byte0 + hi0_minus * np.floor(byte0 * f32(0.0625))
-                                    + lo1 * byte1 + hi1_minus * np.floor(byte1 * f32(0.0625)))
+                        byte = f32(nibbles[b, g, j, r])
+                        part[r] += x_lo * byte + x_hi_minus * np.floor(byte * f32(0.0625))
                 fp16_to_f32(d[b, g], scale)
                 fp16_to_f32(m[b, g], low)
                 for r in range(ROWS):
