@@ -138,7 +138,7 @@ def int4x64_matvec(x, nibbles, d, m, out):
             for g in range(G):
                 part[:] = 0
                 xsum = f32(0)
-                for j in range(half):  # one byte per pass: unlike int8x64_matvec, unrolling made it slower (docs/kernels.md)
+                for j in range(half):  # one byte per pass: unrolled, this one ran slower (docs/kernels.md)
                     x_lo, x_hi = x[t, g * GROUP + j], x[t, g * GROUP + j + half]
                     xsum += x_lo + x_hi
                     x_hi_minus = x_hi - f32(16) * x_lo
