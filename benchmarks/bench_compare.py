@@ -282,6 +282,8 @@ def main():
     parser.add_argument("--only", action="append", default=[], help="run only configurations containing this")
     parser.add_argument("--out", default="docs", help="folder for the table, the JSON and the chart")
     parser.add_argument("--llama-bench", metavar="PATH", help="llama.cpp's llama-bench program, run as a peer")
+    parser.add_argument("--lengths", default="500,2000", help="prompt lengths to prefill, comma-separated; the "
+                        "first is also the one decoding starts after (default 500,2000)")
     args = parser.parse_args()
     if args.llama_bench and not (os.path.isfile(args.llama_bench) and os.access(args.llama_bench, os.X_OK)):
         parser.error(f"--llama-bench {args.llama_bench}: not an executable file (expected the path of llama.cpp's "
@@ -296,7 +298,12 @@ def main():
         names = [n for n in names if CONFIGS[n][0] != "llama-bench"]
     print(machine_line(), file=sys.stderr, flush=True)
 
-    lengths = [500, 2000]
+    try:
+        lengths = [int(n) for n in args.lengths.split(",")]
+    except ValueError:
+        parser.error(f"--lengths {args.lengths}: expected prompt lengths separated by commas, such as 500,2000")
+    if not lengths or min(lengths) < 9:
+        parser.error(f"--lengths {args.lengths}: each length must be at least 9 tokens (8 are the warm-up)")
     runs: dict[str, list[dict]] = {n: [] for n in names}
     load_before, start = loadavg(), time.time()
     for r in range(args.rounds):
