@@ -279,7 +279,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--long", type=int, default=8192, help="the long prompt (0: skip it)")
-    parser.add_argument("--only", action="append", default=[], help="run only configurations containing this")
+    parser.add_argument("--only", action="append", default=[],
+                        help="run only this configuration (its full name), or those whose names contain this")
     parser.add_argument("--out", default="docs", help="folder for the table, the JSON and the chart")
     parser.add_argument("--llama-bench", metavar="PATH", help="llama.cpp's llama-bench program, run as a peer")
     parser.add_argument("--lengths", default="500,2000", help="prompt lengths to prefill, comma-separated; the "
@@ -288,7 +289,8 @@ def main():
     if args.llama_bench and not (os.path.isfile(args.llama_bench) and os.access(args.llama_bench, os.X_OK)):
         parser.error(f"--llama-bench {args.llama_bench}: not an executable file (expected the path of llama.cpp's "
                      "llama-bench program)")
-    names = [n for n in CONFIGS if not args.only or any(o in n for o in args.only)]
+    # --only NAME: a configuration's full name selects just it; any other text, every name containing it
+    names = [n for n in CONFIGS if not args.only or n in args.only or any(o in n for o in args.only if o not in CONFIGS)]
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
