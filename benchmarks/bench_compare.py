@@ -290,7 +290,8 @@ def main():
         parser.error(f"--llama-bench {args.llama_bench}: not an executable file (expected the path of llama.cpp's "
                      "llama-bench program)")
     # --only NAME: a configuration's full name selects just it; any other text, every name containing it
-    names = [n for n in CONFIGS if not args.only or n in args.only or any(o in n for o in args.only if o not in CONFIGS)]
+    names = [n for n in CONFIGS if not args.only or n in args.only
+             or any(o in n for o in args.only if o not in CONFIGS)]
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
