@@ -283,6 +283,8 @@ def main():
                         help="run only this configuration (its full name), or those whose names contain this")
     parser.add_argument("--out", default="docs", help="folder for the table, the JSON and the chart")
     parser.add_argument("--llama-bench", metavar="PATH", help="llama.cpp's llama-bench program, run as a peer")
+    parser.add_argument("--skip-cold-compile", action="store_true",
+                        help="do not measure the first run's compile times (a fresh process compiling every kernel)")
     parser.add_argument("--lengths", default="500,2000", help="prompt lengths to prefill, comma-separated; the "
                         "first is also the one decoding starts after (default 500,2000)")
     args = parser.parse_args()
@@ -323,7 +325,8 @@ def main():
         if errors:
             medians[name]["error"] = errors[0]
     info = dict(machine=describe(), loadavg_before=load_before, loadavg_after=loadavg(), rounds=args.rounds,
-                minutes=round((time.time() - start) / 60, 1), cold_compile_s=cold_compile_s(),
+                minutes=round((time.time() - start) / 60, 1),
+                cold_compile_s=None if args.skip_cold_compile else cold_compile_s(),
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     out = Path(args.out)
     out.mkdir(exist_ok=True)
