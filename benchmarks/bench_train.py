@@ -10,6 +10,8 @@ Numba's compiled kernels loading), then `--steps` timed steps; tokens/s = B * T 
     minigemma numba          train.loss_and_grads on the Numba backend (the command line's default)
     minigemma numba, ckpt    the same with gradient checkpointing (each block recomputed in the backward)
     minigemma numpy          the NumPy reference backend
+    minigemma numba int8, ckpt   QLoRA: the frozen weights held as int8, with gradient checkpointing (the
+                             memory bar of issue 17: batch 8 x 256 in 1.5 GB)
     transformers + peft      AutoModelForCausalLM from the same GGUF (dequantized to float32), peft LoRA,
                              torch.optim.AdamW; transformers' default attention (sdpa)
 
@@ -36,7 +38,8 @@ if side.startswith("minigemma"):
     from minigemma import train
     from minigemma.lora import add_adapters
     from minigemma.optim import AdamW
-    model = minigemma.load(backend="numpy" if side == "minigemma numpy" else "numba")
+    model = minigemma.load(backend="numpy" if side == "minigemma numpy" else "numba",
+                           quantize="int8" if "int8" in side else None)
     add_adapters(model, rank=rank, alpha=2 * rank)
     params = train.parameters(model, "lora")
     opt = AdamW(params)
@@ -79,7 +82,8 @@ print(json.dumps({"side": side, "step_s": round(step, 3), "tokens_per_s": round(
                   "trainable": int(trainable)}))
 """
 
-SIDES = ("minigemma numba", "minigemma numba, ckpt", "minigemma numpy", "transformers + peft")
+SIDES = ("minigemma numba", "minigemma numba, ckpt", "minigemma numba int8, ckpt", "minigemma numpy",
+         "transformers + peft")
 
 
 def cpu_model() -> str:
@@ -116,7 +120,7 @@ def main() -> None:
             print(f"{side}: failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{side:24s} {r['tokens_per_s']:8.1f} tok/s  {r['step_s']:7.2f} s/step  {r['peak_rss_mb']:8.0f} MB peak"
+        print(f"{side:28s} {r['tokens_per_s']:8.1f} tok/s  {r['step_s']:7.2f} s/step  {r['peak_rss_mb']:8.0f} MiB peak"
               f"  {r['trainable']:,} trainable")
     print(f"loadavg after {loadavg()}")
 

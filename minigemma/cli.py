@@ -226,7 +226,7 @@ def compare_command(args) -> int:
 
 
 def tokenize_command(args) -> int:
-    from .tokenizer import load_tokenizer
+    from .loading import load_tokenizer
 
     text = as_text(sys.stdin.buffer.read(), "standard input") if args.text == "-" else as_text(args.text, "the text")
     tokenizer = load_tokenizer(args.model, encoder=args.encoder)

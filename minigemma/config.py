@@ -246,53 +246,11 @@ class GemmaConfig:
 
     @classmethod
     def from_hf_dict(cls, data: dict) -> "GemmaConfig":
-        """Build a config from a config.json dict, legacy or current style."""
-        if not isinstance(data, dict):
-            raise InvalidArgument(f"expected a JSON object, got {type(data).__name__}")
-        model_type = data.get("model_type")
-        if model_type in MULTIMODAL:  # multimodal Gemma 3 (4b+) and Gemma 4: the language model is in text_config
-            model_type = MULTIMODAL[model_type]
-            data = {**(data.get("text_config") or {}), "model_type": model_type}
-        if model_type not in MODEL_TYPES:
-            raise InvalidArgument(f"model_type {model_type!r} is not a Gemma text model (expected one of "
-                             f"{', '.join(MODEL_TYPES + tuple(MULTIMODAL))})")
-        # A field the file leaves out (or sets to null) takes transformers' default, except where null means
-        # something: no soft-cap, no window.
-        nullable = {"attn_logit_softcapping", "final_logit_softcapping", "sliding_window"}
-        d = dict(_DEFAULTS[model_type])
-        d.update({k: v for k, v in data.items() if v is not None or k in nullable})
-
-        # transformers reads the activation from `hidden_act` for Gemma 1 and `hidden_activation` for Gemma 2/3
-        # (ignoring the other key). Gemma 1 configs say "gelu", but Gemma was trained with the tanh
-        # approximation; transformers rewrites it with a warning (transformers#29402). On Gemma 2/3 it runs
-        # "gelu" as exact erf GELU, so there it would be a different model, as would anything else.
-        act = data.get("hidden_act" if model_type == "gemma" else "hidden_activation") or "gelu_pytorch_tanh"
-        tanh_gelu = ("gelu_pytorch_tanh", "gelu_new") + (("gelu",) if model_type == "gemma" else ())
-        if act not in tanh_gelu:
-            raise InvalidArgument(f"hidden activation {act!r} is not supported (Gemma uses tanh GELU: "
-                             f"{', '.join(tanh_gelu)})")
-        # Gemma 4's "vision" makes only image tokens attend both ways: text is causal, as here
-        if data.get("use_bidirectional_attention") not in (None, False, "vision"):
-            raise InvalidArgument(f"use_bidirectional_attention={data['use_bidirectional_attention']!r} (an encoder "
-                                  "variant) is not supported")
-        if data.get("tie_word_embeddings") is False:
-            raise InvalidArgument("tie_word_embeddings=false is not supported: every Gemma ties its LM head")
-
-        n = d["num_hidden_layers"]
-        layer_types = d.get("layer_types")
-        if layer_types is None:
-            if model_type == "gemma":
-                layer_types = [FULL] * n
-            else:  # legacy: Gemma 2 alternates from a local layer 0; Gemma 3 has every 6th layer global
-                pattern = 2 if model_type == "gemma2" else int(d.get("sliding_window_pattern") or 6)
-                layer_types = [SLIDING if (i + 1) % pattern else FULL for i in range(n)]
-        layer_types = tuple(layer_types)
-        if len(layer_types) != n or not set(layer_types) <= {SLIDING, FULL}:
-            raise InvalidArgument(f"layer_types must list {n} entries of {SLIDING!r}/{FULL!r}, got {layer_types}")
-        if model_type == "gemma4_text" and layer_types[-1] != FULL:  # transformers forces it, with a warning
-            layer_types = layer_types[:-1] + (FULL,)
-        if SLIDING in layer_types and not d.get("sliding_window"):
-            raise InvalidArgument("sliding layers need a sliding_window")
+        """Build a config from a config.json dict, legacy or current style, in four named steps."""
+        model_type, data = _text_part(data)
+        d = _with_defaults(model_type, data)
+        _refuse_unsupported(model_type, data)
+        layer_types = _read_layer_types(model_type, d)
         gemma4 = _read_gemma4(d, layer_types) if model_type == "gemma4_text" else {}
 
         eos = d.get("eos_token_id", 1)
@@ -301,7 +259,7 @@ class GemmaConfig:
             vocab_size=int(d["vocab_size"]),
             hidden_size=int(d["hidden_size"]),
             intermediate_size=int(d["intermediate_size"]),
-            num_hidden_layers=n,
+            num_hidden_layers=int(d["num_hidden_layers"]),
             num_attention_heads=int(d["num_attention_heads"]),
             num_key_value_heads=int(d["num_key_value_heads"]),
             head_dim=int(d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"]),
@@ -322,6 +280,74 @@ class GemmaConfig:
             **gemma4,
             extra=data,
         )
+
+
+# ---- the steps of from_hf_dict -----------------------------------------------------------------------------
+
+def _text_part(data: dict) -> tuple[str, dict]:
+    """The model type and the fields of the text model: a multimodal config (Gemma 3 4b+, Gemma 4) keeps its
+    language model in text_config."""
+    if not isinstance(data, dict):
+        raise InvalidArgument(f"expected a JSON object, got {type(data).__name__}")
+    model_type = data.get("model_type")
+    if model_type in MULTIMODAL:
+        model_type = MULTIMODAL[model_type]
+        data = {**(data.get("text_config") or {}), "model_type": model_type}
+    if model_type not in MODEL_TYPES:
+        raise InvalidArgument(f"model_type {model_type!r} is not a Gemma text model (expected one of "
+                              f"{', '.join(MODEL_TYPES + tuple(MULTIMODAL))})")
+    return model_type, data
+
+
+def _with_defaults(model_type: str, data: dict) -> dict:
+    """The file's fields over transformers' defaults. A field the file leaves out (or sets to null) takes the
+    default, except where null means something: no soft-cap, no window."""
+    nullable = {"attn_logit_softcapping", "final_logit_softcapping", "sliding_window"}
+    d = dict(_DEFAULTS[model_type])
+    d.update({k: v for k, v in data.items() if v is not None or k in nullable})
+    return d
+
+
+def _refuse_unsupported(model_type: str, data: dict) -> None:
+    """Configs that would describe another model than the one minigemma computes, refused by name.
+
+    transformers reads the activation from `hidden_act` for Gemma 1 and `hidden_activation` for Gemma 2/3/4
+    (ignoring the other key). Gemma 1 configs say "gelu", but Gemma was trained with the tanh approximation;
+    transformers rewrites it with a warning (transformers#29402). On Gemma 2/3 it runs "gelu" as exact erf GELU,
+    so there it would be a different model, as would anything else."""
+    act = data.get("hidden_act" if model_type == "gemma" else "hidden_activation") or "gelu_pytorch_tanh"
+    tanh_gelu = ("gelu_pytorch_tanh", "gelu_new") + (("gelu",) if model_type == "gemma" else ())
+    if act not in tanh_gelu:
+        raise InvalidArgument(f"hidden activation {act!r} is not supported (Gemma uses tanh GELU: "
+                              f"{', '.join(tanh_gelu)})")
+    # Gemma 4's "vision" makes only image tokens attend both ways: text is causal, as here
+    if data.get("use_bidirectional_attention") not in (None, False, "vision"):
+        raise InvalidArgument(f"use_bidirectional_attention={data['use_bidirectional_attention']!r} (an encoder "
+                              "variant) is not supported")
+    if data.get("tie_word_embeddings") is False:
+        raise InvalidArgument("tie_word_embeddings=false is not supported: every Gemma ties its LM head")
+
+
+def _read_layer_types(model_type: str, d: dict) -> tuple[str, ...]:
+    """Each layer's attention type: `layer_types` (current configs), or the legacy pattern: Gemma 1 all
+    global, Gemma 2 alternating from a local layer 0, Gemma 3 every 6th layer global (sliding_window_pattern).
+    Gemma 4's last layer is always global (transformers forces it, with a warning)."""
+    n = d["num_hidden_layers"]
+    layer_types = d.get("layer_types")
+    if layer_types is None:
+        if model_type == "gemma":
+            layer_types = [FULL] * n
+        else:
+            pattern = 2 if model_type in ("gemma2", "vaultgemma") else int(d.get("sliding_window_pattern") or 6)
+            layer_types = [SLIDING if (i + 1) % pattern else FULL for i in range(n)]
+    layer_types = tuple(layer_types)
+    if len(layer_types) != n or not set(layer_types) <= {SLIDING, FULL}:
+        raise InvalidArgument(f"layer_types must list {n} entries of {SLIDING!r}/{FULL!r}, got {layer_types}")
+    if model_type == "gemma4_text" and layer_types[-1] != FULL:
+        layer_types = layer_types[:-1] + (FULL,)
+    if SLIDING in layer_types and not d.get("sliding_window"):
+        raise InvalidArgument("sliding layers need a sliding_window")
+    return layer_types
 
 
 def published_config(name: str) -> GemmaConfig:

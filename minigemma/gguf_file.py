@@ -275,17 +275,13 @@ def config_from_gguf(reader, path: Path) -> GemmaConfig:
     if embed is None or len(embed.shape) != 2:
         raise ModelFileError(f"{path}: tensor token_embd.weight is missing (or not 2-D)")
     D, H, n = int(meta("embedding_length")), int(meta("attention.head_count")), int(meta("block_count"))
-    # What the file holds, under config.json's names. A key the file leaves out is left out here too, so
-    # GemmaConfig.from_hf_dict fills it with transformers' default for the model type: one place owns defaults.
-    optional = {"context_length": "max_position_embeddings", "rope.freq_base": "rope_theta",
-                # stored as float32 (9.99999997e-07 for 1e-6): the same number once we compute in float32
-                "attention.layer_norm_rms_epsilon": "rms_norm_eps"}
-    hf = {hf_key: number(reader, f"{arch}.{key}", path) for key, hf_key in optional.items()
+    # What the file holds, under config.json's names (OPTIONAL_METADATA). A key the file leaves out is left out
+    # here too, so GemmaConfig.from_hf_dict fills it with transformers' default for the model type: one place
+    # owns defaults.
+    hf = {hf_key: number(reader, f"{arch}.{key}", path) for key, hf_key in OPTIONAL_METADATA.items()
           if field(reader, f"{arch}.{key}") is not None}
-    tokens = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id", "padding_token_id": "pad_token_id"}
     hf.update({hf_key: int(number(reader, f"tokenizer.ggml.{key}", path, positive=False))
-               for key, hf_key in tokens.items()
-               if field(reader, f"tokenizer.ggml.{key}") is not None})
+               for key, hf_key in TOKEN_METADATA.items() if field(reader, f"tokenizer.ggml.{key}") is not None})
     if arch == "gemma4":
         hf.update(_gemma4_metadata(reader, path, n, H, D, int(embed.shape[1])))
         return _to_config(hf, path)
@@ -306,29 +302,41 @@ def config_from_gguf(reader, path: Path) -> GemmaConfig:
         raise ModelFileError(f"{path}: rope scaling {scaling!r} is not supported (only linear)")
     if scaling == "linear":  # config.py applies it to Gemma 3's global layers only, as llama.cpp does
         hf["rope_scaling"] = {"rope_type": "linear", "factor": float(meta("rope.scaling.factor"))}
-
-    # Gemma 2's window and soft-caps, Gemma 3's window, when the file has them (if not, transformers' Gemma 2
-    # defaults 4096, 50 and 30 are also the values llama.cpp assumes)
-    for key, hf_key in (("attention.sliding_window", "sliding_window"),
-                        ("attn_logit_softcapping", "attn_logit_softcapping"),
-                        ("final_logit_softcapping", "final_logit_softcapping")):
-        if arch != "gemma" and field(reader, f"{arch}.{key}") is not None:
-            hf[hf_key] = number(reader, f"{arch}.{key}", path)
-
-    # What GGUF does not store, llama.cpp hard-codes (src/llama-model.cpp), and so do we:
-    #  - the layer pattern: Gemma 2 alternates sliding/global from layer 0 (set_swa_pattern(2), also
-    #    config.py's legacy default for gemma2); Gemma 3 has every 6th layer global (set_swa_pattern(6));
-    #  - Gemma 3's sliding layers use RoPE base 10000 (rope_freq_base_train_swa);
-    #  - the attention scale: 1/sqrt(head_dim), except on the 27B models, 1/sqrt(D/H), which llama.cpp
-    #    recognises by layer count (46 for Gemma 2 27B, 62 for Gemma 3 27B).
-    if arch != "gemma":
-        is_27b = (arch, n) in (("gemma2", 46), ("gemma3", 62))
-        hf["query_pre_attn_scalar"] = D // H if is_27b else hf["head_dim"]
+    if arch != "gemma":  # Gemma 1 has no window and no caps, whatever a file says
+        hf.update({hf_key: number(reader, f"{arch}.{key}", path) for key, hf_key in WINDOW_METADATA.items()
+                   if field(reader, f"{arch}.{key}") is not None})
     if arch == "gemma3":
         meta("attention.sliding_window")  # required: Gemma 3 GGUF files always carry it
-        hf["sliding_window_pattern"] = 6
-        hf["rope_local_base_freq"] = 10_000.0
+    if arch != "gemma":
+        hf["query_pre_attn_scalar"] = D // H if (arch, n) in SCALE_BY_D_OVER_H else hf["head_dim"]
+    hf.update(HARD_CODED[arch])
     return _to_config(hf, path)
+
+
+# GGUF metadata key (under "{arch}.") -> config.json field, taken when the file has it
+OPTIONAL_METADATA = {
+    "context_length": "max_position_embeddings",
+    "rope.freq_base": "rope_theta",  # the global layers' base
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps",  # stored as float32 (9.99999997e-07 for 1e-6)
+}
+TOKEN_METADATA = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id", "padding_token_id": "pad_token_id"}
+# Gemma 2's window and soft-caps, Gemma 3's window, when the file has them (if not, transformers' Gemma 2
+# defaults 4096, 50 and 30 are also the values llama.cpp assumes)
+WINDOW_METADATA = {"attention.sliding_window": "sliding_window", "attn_logit_softcapping": "attn_logit_softcapping",
+                   "final_logit_softcapping": "final_logit_softcapping"}
+
+# What GGUF does not store, llama.cpp hard-codes (src/llama-model.cpp), and so do we, as data:
+#  - the layer pattern: Gemma 2 alternates sliding/global from layer 0 (set_swa_pattern(2); config.py's legacy
+#    default for gemma2, so nothing to add); Gemma 3 has every 6th layer global (set_swa_pattern(6));
+#  - Gemma 3's sliding layers use RoPE base 10000 (rope_freq_base_train_swa).
+HARD_CODED = {
+    "gemma": {},
+    "gemma2": {},
+    "gemma3": {"sliding_window_pattern": 6, "rope_local_base_freq": 10_000.0},
+}
+# The attention scale is 1/sqrt(head_dim) except on the 27B models, 1/sqrt(D/H), which llama.cpp recognises by
+# (architecture, layer count): 46 for Gemma 2 27B, 62 for Gemma 3 27B.
+SCALE_BY_D_OVER_H = {("gemma2", 46), ("gemma3", 62)}
 
 
 def _to_config(hf: dict, path: Path) -> GemmaConfig:
@@ -474,8 +482,9 @@ def _int4_from_q4_k(t: GGUFTensor, kind: str):
 
 
 # (requested storage, GGUF type) -> how the file's bytes become that storage without requantizing. Q8_0 *is*
-# our int8 and Q4_1 our int4, byte for byte, and the 16-bit types are our 16-bit types: used in place, with no
-# copy. Any pair not here is dequantized a block of rows at a time and converted (weights.to_weight).
+# our int8, our int4 has Q4_1's layout (a Q4_1 tensor is held as it is, though our own quantizer fits other
+# scales), and the 16-bit types are ours: used in place, with no copy. Any pair not here is dequantized a block
+# of rows at a time and converted (weights.to_weight).
 STORED_AS = {
     ("int8", "Q8_0"): lambda t, kind: Int8.from_q8_0(t.t.data, t.shape),
     ("int4", "Q4_1"): lambda t, kind: Int4.from_q4_1(t.t.data, t.shape),

@@ -85,6 +85,10 @@ def int8x64_matvec(x, q, d, out):
     keeps in vector registers, one 64-byte cache line of weights per input element. Each thread takes whole
     blocks; a block (in * 64 bytes) stays in cache while it serves every token of x.
 
+    Four inputs per pass over the rows: the 64 partial sums live in an array, so every pass loads and stores
+    them (4 zmm or 8 ymm registers); with one input per pass those loads and stores were as many instructions
+    as the multiply-adds (docs/kernels.md, "What LLVM makes of the kernels, per CPU").
+
     Shapes: x (T, in), q (B, G, 32, 64) int8, d (B, G, 64) uint16 (fp16 bits), out (T, B*64)
     """
     B, G = q.shape[0], q.shape[1]
@@ -96,10 +100,12 @@ def int8x64_matvec(x, q, d, out):
             acc[:] = 0
             for g in range(G):
                 part[:] = 0
-                for j in range(GROUP):
-                    xj = x[t, g * GROUP + j]
+                for j in range(0, GROUP, 4):
+                    i = g * GROUP + j
+                    x0, x1, x2, x3 = x[t, i], x[t, i + 1], x[t, i + 2], x[t, i + 3]
                     for r in range(ROWS):
-                        part[r] += xj * f32(q[b, g, j, r])
+                        part[r] += (x0 * f32(q[b, g, j, r]) + x1 * f32(q[b, g, j + 1, r])
+                                    + x2 * f32(q[b, g, j + 2, r]) + x3 * f32(q[b, g, j + 3, r]))
                 fp16_to_f32(d[b, g], scale)
                 for r in range(ROWS):
                     acc[r] += scale[r] * part[r]
@@ -132,7 +138,7 @@ def int4x64_matvec(x, nibbles, d, m, out):
             for g in range(G):
                 part[:] = 0
                 xsum = f32(0)
-                for j in range(half):
+                for j in range(half):  # one byte per pass: unrolled, this one ran slower (docs/kernels.md)
                     x_lo, x_hi = x[t, g * GROUP + j], x[t, g * GROUP + j + half]
                     xsum += x_lo + x_hi
                     x_hi_minus = x_hi - f32(16) * x_lo

@@ -119,7 +119,9 @@ class LayerCache:
         return b.k[seen].transpose(1, 0, 2), b.v[seen].transpose(1, 0, 2), np.arange(lo, first + T)
 
     def nbytes(self) -> int:
-        """Bytes of the allocated buffers (up to twice what is held, by the doubling)."""
+        """Bytes of the allocated buffers: on a global layer a power of two at least what is held (the buffer
+        doubles when full); on a sliding layer at least 2W slots from its first token (it keeps its window and
+        reallocates every W + 1 tokens)."""
         return self._buf.k.nbytes + self._buf.v.nbytes
 
 

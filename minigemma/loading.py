@@ -77,6 +77,38 @@ def resolve_repo_id(repo_id: str) -> Path:
                      f"Gemma license on its page) or pass a local directory or .gguf file")
 
 
+def resolve_source(source) -> Path:
+    """The file or directory a source names: the built-in model's GGUF for None, an existing path as it is,
+    or an HF repo id ("google/gemma-2b") from the local Hugging Face cache."""
+    path = default_model_path() if source is None else Path(source)
+    if not path.exists():
+        text = os.fspath(source)
+        if text.count("/") == 1 and not text.startswith((".", "/")) and not text.endswith(".gguf"):
+            return resolve_repo_id(text)
+        raise ModelFileError(f"{source}: no such file or directory")
+    return path
+
+
+def load_tokenizer(source=None, encoder: str = "sentencepiece"):
+    """The tokenizer alone, without the weights (for `python -m minigemma tokenize`): from a .gguf file, an HF
+    directory or its `tokenizer.model`, an HF repo id in the local cache, or (None) the built-in model."""
+    from .gguf_file import open_gguf
+    from .tokenizer import Tokenizer
+
+    path = resolve_source(source)
+    if path.is_dir():
+        path = path / "tokenizer.model"
+        if not path.exists():
+            raise ModelFileError(f"{path.parent}: no tokenizer.model in this directory")
+    reader = open_gguf(path) if path.name.endswith(".gguf") else None  # its errors name the file already
+    if reader is not None and "tokenizer.ggml.tokens" not in reader.fields:
+        raise ModelFileError(f"{path}: no tokenizer in this GGUF file (no tokenizer.ggml.tokens)")
+    try:
+        return Tokenizer.from_gguf(reader, encoder) if reader is not None else Tokenizer.from_file(path, encoder)
+    except ModelFileError as e:
+        raise ModelFileError(f"{path}: {e}") from None
+
+
 def load(source: str | os.PathLike | None = None, *, quantize: str | None = None, dtype: str | None = None,
          progress: bool | None = None, backend: str | kernels.Backend = "numpy",
          adapter: str | os.PathLike | None = None) -> Gemma:
@@ -110,13 +142,7 @@ def load(source: str | os.PathLike | None = None, *, quantize: str | None = None
     except ValueError as e:
         raise InvalidArgument(str(e)) from None
 
-    path = default_model_path() if source is None else Path(source)
-    if not path.exists():
-        text = str(source)
-        if text.count("/") == 1 and not text.startswith((".", "/")) and not text.endswith(".gguf"):
-            path = resolve_repo_id(text)
-        else:
-            raise ModelFileError(f"{source}: no such file or directory")
+    path = resolve_source(source)
 
     model = _load_hf_dir(path, quantize, dtype, ops) if path.is_dir() else _load_gguf(path, progress, quantize,
                                                                                       dtype, ops)

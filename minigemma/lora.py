@@ -32,7 +32,7 @@ import numpy as np
 
 from .config import FULL, SLIDING, GemmaConfig
 from .errors import InvalidArgument, ModelFileError
-from .params import LAYER_PREFIX, LAYER_TENSORS, MODEL_TENSORS, Params
+from .params import LAYER_PREFIX, Params, layer_specs, model_specs
 from .weights import LoRA, dequantize
 
 # The matrices an adapter can sit on: LayerParams field -> transformers module path inside a block
@@ -357,14 +357,11 @@ def write_hf_directory(directory: Path, config: GemmaConfig, params: Params, tok
     from safetensors.numpy import save_file
 
     tensors = {}
-    for spec in MODEL_TENSORS:
-        if spec.when(config):  # Gemma 4's per-layer-embedding tensors are None on the models merged here
-            tensors[spec.hf] = np.ascontiguousarray(_float32(getattr(params, spec.field)))
+    for spec in model_specs(config):
+        tensors[spec.hf] = np.ascontiguousarray(_float32(getattr(params, spec.field)))
     for i, layer in enumerate(params.layers):
-        for spec in LAYER_TENSORS:
-            if spec.when(config, i):
-                tensors[LAYER_PREFIX["hf"].format(i) + spec.hf] = np.ascontiguousarray(
-                    _float32(getattr(layer, spec.field)))
+        for spec in layer_specs(config, i):
+            tensors[LAYER_PREFIX["hf"].format(i) + spec.hf] = np.ascontiguousarray(_float32(getattr(layer, spec.field)))
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(output_config(config, source), indent=2) + "\n")
     source_tokenizer = Path(source) / "tokenizer.model" if source and Path(source).is_dir() else None

@@ -367,34 +367,6 @@ class PythonBPE:
         return out
 
 
-def load_tokenizer(source=None, encoder: str = "sentencepiece") -> Tokenizer:
-    """The tokenizer alone, without the weights (for `python -m minigemma tokenize`): from a .gguf file, an HF
-    directory or its `tokenizer.model`, an HF repo id in the local cache, or (None) the built-in model."""
-    import os
-
-    from .gguf_file import open_gguf
-    from .loading import default_model_path, resolve_repo_id
-
-    path = default_model_path() if source is None else Path(source)
-    if not path.exists():
-        text = os.fspath(source)
-        if text.count("/") == 1 and not text.startswith((".", "/")) and not text.endswith(".gguf"):
-            path = resolve_repo_id(text)  # as load() does
-        else:
-            raise ModelFileError(f"{source}: no such file or directory")
-    if path.is_dir():
-        path = path / "tokenizer.model"
-        if not path.exists():
-            raise ModelFileError(f"{path.parent}: no tokenizer.model in this directory")
-    reader = open_gguf(path) if path.name.endswith(".gguf") else None  # its errors name the file already
-    if reader is not None and "tokenizer.ggml.tokens" not in reader.fields:
-        raise ModelFileError(f"{path}: no tokenizer in this GGUF file (no tokenizer.ggml.tokens)")
-    try:
-        return Tokenizer.from_gguf(reader, encoder) if reader is not None else Tokenizer.from_file(path, encoder)
-    except ModelFileError as e:
-        raise ModelFileError(f"{path}: {e}") from None
-
-
 def model_proto_from_gguf(reader) -> sp_pb.ModelProto:
     """The SentencePiece `ModelProto` that a GGUF's `tokenizer.ggml.*` arrays describe.
 

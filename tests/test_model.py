@@ -279,19 +279,19 @@ def test_logits_match_transformers(case, dtype, backend):
 def transformers_on(hf_model, params, config) -> torch.nn.Module:
     """A copy of transformers' model whose matrices are minigemma's stored weights, dequantized: the oracle
     for a quantized load, which must compute what float32 computes on those weights."""
-    from minigemma.params import LAYER_PREFIX, LAYER_TENSORS, MODEL_TENSORS
+    from minigemma.params import LAYER_PREFIX, layer_specs, model_specs
     from minigemma.weights import dequantize
 
     hf_model = copy.deepcopy(hf_model)
     state = hf_model.state_dict()
     with torch.no_grad():
-        for spec in MODEL_TENSORS:
+        for spec in model_specs(config):
             w = getattr(params, spec.field)
             state[spec.hf].copy_(torch.from_numpy(np.array(dequantize(w))))  # (a copy: file views are read-only)
         for i, layer in enumerate(params.layers):
-            for spec in LAYER_TENSORS:
-                w = getattr(layer, spec.field) if spec.when(config) else None
-                if w is not None and len(w.shape) == 2:
+            for spec in layer_specs(config, i):
+                w = getattr(layer, spec.field)
+                if len(w.shape) == 2:
                     state[LAYER_PREFIX["hf"].format(i) + spec.hf].copy_(torch.from_numpy(dequantize(w)))
     return hf_model.eval()
 

@@ -67,7 +67,7 @@ def hf_name(config: GemmaConfig, name: str) -> str:
     if name == "final_norm":
         return "model.norm.weight"
     _, i, field = name.split(".")[:3]
-    spec = next(s for s in LAYER_TENSORS if s.field == field and s.when(config))
+    spec = next(s for s in LAYER_TENSORS if s.field == field and s.when(config, int(i)))
     return f"model.layers.{i}.{spec.hf}"
 
 
