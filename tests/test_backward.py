@@ -29,7 +29,7 @@ RTOL = 1e-9
 FEW = settings(max_examples=12, deadline=None)
 
 
-def close(ours, ref, rtol=RTOL):
+def assert_close(ours, ref, rtol=RTOL):
     """|ours - ref| <= rtol * max(max|ref|, 1) everywhere, and the shapes agree. Inputs are drawn of order 1,
     so the terms of every gradient are too; the floor of 1 covers a result that cancels to nearly nothing
     (RMSNorm of one element: its gradient is ~0 up to rounding of order-1 terms)."""
@@ -70,13 +70,13 @@ def test_rms_norm_backward(seed, rows, n):
     y = tx * torch.rsqrt(tx.pow(2).mean(-1, keepdim=True) + eps) * (1 + tw)  # transformers GemmaRMSNorm
     dx_ref, dw_ref = grads_of(y, dout, tx, tw)
 
-    close(layers.rms_norm(x, w, eps), y.detach().numpy())  # the forward keeps float64
+    assert_close(layers.rms_norm(x, w, eps), y.detach().numpy())  # the forward keeps float64
     dw = np.zeros(n)
-    close(layers.rms_norm_backward(dout, x, w, eps, dw), dx_ref)
-    close(dw, dw_ref)
+    assert_close(layers.rms_norm_backward(dout, x, w, eps, dw), dx_ref)
+    assert_close(dw, dw_ref)
     dw_twice = dw.copy()
     layers.rms_norm_backward(dout, x, w, eps, dw_twice)
-    close(dw_twice, 2 * dw_ref)  # gradients are added, not written
+    assert_close(dw_twice, 2 * dw_ref)  # gradients are added, not written
 
 
 # ---- RoPE ------------------------------------------------------------------------------------------------
@@ -91,7 +91,7 @@ def test_apply_rope_backward(seed, n, T, dh, theta):
     tx = leaf(x[None])  # (1, n, T, Dh): transformers' (B, heads, T, Dh)
     y, _ = apply_rotary_pos_emb(tx, tx.detach(), torch.as_tensor(cos)[None], torch.as_tensor(sin)[None])
     (dx_ref,) = grads_of(y, dout[None], tx)
-    close(layers.apply_rope_backward(dout, cos, sin), dx_ref[0])
+    assert_close(layers.apply_rope_backward(dout, cos, sin), dx_ref[0])
 
 
 # ---- soft-cap, GELU --------------------------------------------------------------------------------------
@@ -104,7 +104,7 @@ def test_softcap_backward(seed, n, cap):
     tx = leaf(x)
     y = tx if cap is None else cap * torch.tanh(tx / cap)
     (dx_ref,) = grads_of(y * 1.0, dout, tx)
-    close(layers.softcap_backward(dout, x, cap), dx_ref)
+    assert_close(layers.softcap_backward(dout, x, cap), dx_ref)
 
 
 @FEW
@@ -115,8 +115,8 @@ def test_gelu_tanh_backward(seed, n):
     tx = leaf(x)
     y = ACT2FN["gelu_pytorch_tanh"](tx)  # torch's gelu(approximate="tanh")
     (dx_ref,) = grads_of(y, dout, tx)
-    close(layers.gelu_tanh(x), y.detach().numpy())
-    close(layers.gelu_tanh_backward(dout, x), dx_ref)
+    assert_close(layers.gelu_tanh(x), y.detach().numpy())
+    assert_close(layers.gelu_tanh_backward(dout, x), dx_ref)
 
 
 # ---- attention -------------------------------------------------------------------------------------------
@@ -152,11 +152,11 @@ def test_attention_backward(seed, hk, T, past, dh, window, cap):
 
     probs = layers.attention_probs(q, k, mask, scale, cap)
     assert probs.dtype == np.float64
-    close(layers.attention(q, k, v, mask, scale, cap), y.detach().numpy())
+    assert_close(layers.attention(q, k, v, mask, scale, cap), y.detach().numpy())
     dq, dk, dv = layers.attention_backward(dout, q, k, v, mask, scale, cap, probs)
-    close(dq, dq_ref)
-    close(dk, dk_ref)
-    close(dv, dv_ref)
+    assert_close(dq, dq_ref)
+    assert_close(dk, dk_ref)
+    assert_close(dv, dv_ref)
 
 
 # ---- MLP -------------------------------------------------------------------------------------------------
@@ -175,9 +175,9 @@ def test_mlp_backward(seed, T, d, f):
     dgate, dup, ddown = np.zeros_like(gate), np.zeros_like(up), np.zeros_like(down)
     dx = layers.mlp_backward(dout, x, gate, up, down, x @ gate.T, x @ up.T, dgate, dup, ddown)
     for ours, ref in zip((dx, dgate, dup, ddown), refs):
-        close(ours, ref)
+        assert_close(ours, ref)
     # frozen weights: the same dx, and no weight gradient asked for
-    close(layers.mlp_backward(dout, x, gate, up, down, x @ gate.T, x @ up.T), refs[0])
+    assert_close(layers.mlp_backward(dout, x, gate, up, down, x @ gate.T, x @ up.T), refs[0])
 
 
 # ---- linear, for every weight type -----------------------------------------------------------------------
@@ -190,9 +190,9 @@ def test_linear_backward_float(seed, T, out, inp):
     tx, tw = leaf(x), leaf(w)
     dx_ref, dw_ref = grads_of(tx @ tw.T, dout, tx, tw)
     dw = np.zeros_like(w)
-    close(layers.linear_backward(dout, x, w, dw), dx_ref)
-    close(dw, dw_ref)
-    close(layers.linear_backward(dout, x, w), dx_ref)  # frozen
+    assert_close(layers.linear_backward(dout, x, w, dw), dx_ref)
+    assert_close(dw, dw_ref)
+    assert_close(layers.linear_backward(dout, x, w), dx_ref)  # frozen
 
 
 def test_linear_backward_weight_gradient_in_blocks(monkeypatch):
@@ -204,7 +204,7 @@ def test_linear_backward_weight_gradient_in_blocks(monkeypatch):
     _, dw_ref = grads_of(tx @ tw.T, dout, tx, tw)
     dw = np.ones_like(w)
     layers.linear_backward(dout, x, w, dw)
-    close(dw, 1 + dw_ref)
+    assert_close(dw, 1 + dw_ref)
 
 
 @FEW
@@ -224,9 +224,9 @@ def test_linear_backward_lora(seed, T, out, inp, r, base_kind):
     y = tx @ W.T + scale * (tx @ tA.T) @ tB.T  # peft LoraLayer: base(x) + lora_B(lora_A(x)) * scaling
     dx_ref, dA_ref, dB_ref = grads_of(y, dout, tx, tA, tB)
     dA, dB = np.zeros_like(A), np.zeros_like(B)
-    close(layers.linear_backward(dout, x, w, (dA, dB)), dx_ref)
-    close(dA, dA_ref)
-    close(dB, dB_ref)
+    assert_close(layers.linear_backward(dout, x, w, (dA, dB)), dx_ref)
+    assert_close(dA, dA_ref)
+    assert_close(dB, dB_ref)
 
 
 STORED = {
@@ -257,7 +257,7 @@ def test_linear_backward_stored(kind, monkeypatch):
     (dx_ref,) = grads_of(tx @ W.T, dout, tx)
     dx = layers.linear_backward(dout, x, w)
     assert dx.dtype == np.float64
-    close(dx, dx_ref)
+    assert_close(dx, dx_ref)
     assert max(widened) == 3 and sum(widened) == out  # never more than a block widened at once
 
 
@@ -273,8 +273,8 @@ def test_embed_backward(seed, T, V, D):
     tt = leaf(table)
     y = torch.nn.functional.embedding(torch.as_tensor(ids), tt) * scale
     (dt_ref,) = grads_of(y, dout, tt)
-    close(layers.embed(ids, table, scale), y.detach().numpy())
+    assert_close(layers.embed(ids, table, scale), y.detach().numpy())
     dt = np.zeros_like(table)
     layers.embed_backward(dout, ids, scale, dt)
-    close(dt, dt_ref)
+    assert_close(dt, dt_ref)
     layers.embed_backward(dout, ids, scale, None)  # a frozen table: nothing to do, nothing fails
