@@ -7,7 +7,10 @@ The interface the fine-tuning loop builds on:
           train="lora": "layers.{i}.{field}.A" and ".B" for every LayerParams field holding a weights.LoRA
                         (the base weights stay frozen, in any storage type: int8/int4 bases are QLoRA)
           train="full": "embed", "final_norm", "layers.{i}.{field}" for every parameter; every matrix must
-                        be a float32 ndarray (a quantized model is trained through LoRA)
+                        be a float32 ndarray (a quantized model is trained through LoRA). Gemma 4 adds
+                        "embed_per_layer", "per_layer_model_proj", "per_layer_proj_norm" (E-series) and one
+                        name per expert matrix, "layers.{i}.experts_gate_up.{e}"; its layer_scalar is frozen
+                        (a buffer in transformers, not a parameter)
 
     loss_and_grads(model, tokens, labels, train="lora", checkpoint=False, dropout=0.0, rng=None)
         -> (loss_sum: float, count: int, grads: dict[str, np.ndarray])
@@ -31,6 +34,11 @@ each block together as N = B*T rows, so every product is one big matrix product)
     embed -> block_forward x L (each keeps a BlockRecord, or only its input with checkpoint=True)
           -> final norm -> cross_entropy (the tied head and the loss together, a block of positions at a time)
           <- rms_norm_backward <- block_backward x L (in reverse) <- embed_backward (full fine-tuning only)
+
+Gemma 4 adds two paths between layers besides the residual stream (docs/training.md): the per-layer inputs
+(E-series), made from the embedding before the first block and read by every block, whose gradients are
+gathered in the Batch and sent back by per_layer_inputs_backward after the last block's backward; and KV
+sharing, where a later layer attends over an earlier layer's K and V and hands their gradient back to it.
 
 The (N, V) logits never exist whole: V = 262,144 for Gemma 3, so 2,048 positions would be 2.1 GB of float32.
 cross_entropy makes the logits of a block of positions, takes their loss and their gradient at once, sends that
