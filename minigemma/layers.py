@@ -442,7 +442,7 @@ def per_layer_inputs(token_rows: np.ndarray, x: np.ndarray, model_proj, norm: np
 def per_layer_inputs_backward(dout: np.ndarray, token_rows: np.ndarray, x: np.ndarray, model_proj, norm: np.ndarray,
                               eps: float, num_layers: int, dmodel_proj=None, dnorm=None, linear=linear,
                               linear_backward=linear_backward):
-    """The gradient of per_layer_inputs. With a = (x W^T) / sqrt(D) cut into L slices of P and y = (rms_norm(a) + t) / sqrt(2):
+    """The gradient of per_layer_inputs. With a = x W^T / sqrt(D) in L slices of P, y = (rms_norm(a) + t) / sqrt(2):
         dt = dy / sqrt(2),   da = rms_norm_backward(dy / sqrt(2)) / sqrt(D),   dx = da W,   dW += da^T x
     dt goes to the token's rows of the packed per-layer table (embed_backward with sqrt(P)), dx into the main
     embedding: the one gradient of the E-series that reaches the embedding without passing through a block.

@@ -252,8 +252,8 @@ def block_forward(x: np.ndarray, p: LayerParams, layer: int, batch: Batch) -> tu
         if c.value_norm:  # Gemma 4: no gain
             v_raw, v = v, ops.rms_norm(v, np.zeros(Dh, np.float32), eps)
         k = apply_rope(k, cos, sin)
-        if c.num_kv_shared_layers:  # kept for the layers that share them (and for their recomputation)
-            batch.kv[layer] = k, v
+        if any(c.kv_source(j) == layer for j in range(layer + 1, c.num_hidden_layers)):
+            batch.kv[layer] = k, v  # Gemma 4: later layers attend over these (and need them when recomputed)
     probs = np.stack([attention_probs(q[b], k[b], mask, c.attn_scale, c.attn_logit_softcapping)
                       for b in range(B)])  # (B, H, T, T)
     G = H // K
