@@ -214,7 +214,7 @@ class BlockRecord:
     mlp_in: np.ndarray  # (N, D)      pre_mlp_norm(mid): the input of gate and up
     g: np.ndarray  # (N, F)           gate(mlp_in), before GELU
     u: np.ndarray  # (N, F)           up(mlp_in)
-    m: np.ndarray  # (N, D)           the MLP's output (the input of post_mlp_norm on Gemma 2/3)
+    m: np.ndarray  # (N, D)           the MLP's output (the input of post_mlp_norm, of post_dense_norm with MoE)
     # ---- Gemma 4, each only where its config field says so ----
     v_raw: np.ndarray | None = None  # (B, K, T, Dh)  V before the value norm (on K=V layers: k_raw)
     router_weights: np.ndarray | None = None  # (N, k)  MoE: each token's experts and their weights
