@@ -215,3 +215,29 @@ def test_rope_backward_on_a_proportional_table():
     still = np.r_[pairs:Dh // 2, Dh // 2 + pairs:Dh]  # the pairs with frequency 0
     np.testing.assert_array_equal(dx[..., still], dout[..., still])
     assert np.abs(dx[..., :pairs] - dout[..., :pairs]).max() > 1e-2  # the rotated ones do turn
+
+
+def test_route_backward_matches_transformers_router_in_float32():
+    """The transcription above against transformers' own Gemma4TextRouter, where it runs (float32): the same
+    gradients of the routing weights, to float32 rounding, for x and all three router parameters."""
+    import transformers
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4TextRouter
+
+    from conftest import randomize_
+
+    hf = transformers.Gemma4TextConfig(hidden_size=32, num_experts=6, top_k_experts=2)
+    router = randomize_(Gemma4TextRouter(hf), seed=3)
+    rng = np.random.default_rng(7)
+    x, dout = draw(rng, 9, 32).astype(np.float32), draw(rng, 9, 2).astype(np.float32)
+    tx = torch.tensor(x, requires_grad=True)
+    _, weights, index = router(tx)
+    refs = grads_of(weights, dout, tx, router.scale, router.proj.weight, router.per_expert_scale)
+
+    scale, proj = router.scale.detach().numpy(), router.proj.weight.detach().numpy()
+    expert_scale = router.per_expert_scale.detach().numpy()
+    ours_w, chosen = layers.route(x, scale, proj, expert_scale, 2, hf.rms_norm_eps)
+    assert np.array_equal(chosen, index.numpy())  # the same experts in the same order (no ties here)
+    grads = np.zeros_like(scale), np.zeros_like(proj), np.zeros_like(expert_scale)
+    dx = layers.route_backward(dout, x, scale, proj, expert_scale, chosen, hf.rms_norm_eps, *grads)
+    for ours, ref in zip((dx, *grads), refs):
+        assert_close(ours, ref, rtol=1e-5)
