@@ -456,10 +456,12 @@ def _run(model, tokens, labels, slots=None, checkpoint=False, dropout=None, chun
     if c.per_layer_embeddings:  # Gemma 4 E-series: each layer's input, from the token and from x
         L, P = c.num_hidden_layers, c.hidden_size_per_layer_input
         token_rows = embed(ids, params.embed_per_layer, P**0.5, ops.embedding_rows)  # (N, L*P)
-        batch.layer_inputs = per_layer_inputs(token_rows, x, params.per_layer_model_proj, params.per_layer_proj_norm,
-                                              c.rms_norm_eps, L, ops.linear, ops.rms_norm).transpose(1, 0, 2)
-        batch.dlayer_inputs = np.zeros_like(batch.layer_inputs)  # (N, L, P) -> (L, N, P)
-    x0 = x
+        layer_inputs = per_layer_inputs(token_rows, x, params.per_layer_model_proj, params.per_layer_proj_norm,
+                                        c.rms_norm_eps, L, ops.linear, ops.rms_norm)  # (N, L, P)
+        batch.layer_inputs = layer_inputs.transpose(1, 0, 2)  # (N, L, P) -> (L, N, P): a slice per block
+        if slots is not None:
+            batch.dlayer_inputs = np.zeros_like(batch.layer_inputs)
+    x_embed = x  # the per-layer inputs' backward needs it
     kept = []
     for i, p in enumerate(params.layers):
         x_next, record = block_forward(x, p, i, batch)
@@ -484,11 +486,11 @@ def _run(model, tokens, labels, slots=None, checkpoint=False, dropout=None, chun
     if c.per_layer_embeddings and any(g is not None for g in (
             dtable, slots.embed_per_layer, slots.per_layer_model_proj, slots.per_layer_proj_norm)):
         # the per-layer inputs' gradient: into their table, their projection and norm, and the embedding
-        dtoken_rows, dx0 = per_layer_inputs_backward(
-            batch.dlayer_inputs.transpose(1, 0, 2), token_rows, x0, params.per_layer_model_proj,
+        dtoken_rows, dx_embed = per_layer_inputs_backward(
+            batch.dlayer_inputs.transpose(1, 0, 2), token_rows, x_embed, params.per_layer_model_proj,
             params.per_layer_proj_norm, c.rms_norm_eps, L, slots.per_layer_model_proj, slots.per_layer_proj_norm,
             ops.linear)  # (L, N, P) -> (N, L, P)
-        dx = dx + dx0
+        dx = dx + dx_embed  # the embedding's second gradient, beside the first block's
         if slots.embed_per_layer is not None:
             dtoken_rows[ids == c.pad_token_id] = 0  # its <pad> row gets no gradient either (padding_idx)
             embed_backward(dtoken_rows, ids, P**0.5, slots.embed_per_layer)
