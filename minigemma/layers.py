@@ -446,7 +446,7 @@ def per_layer_inputs_backward(dout: np.ndarray, token_rows: np.ndarray, x: np.nd
         dt = dy / sqrt(2),   da = rms_norm_backward(dy / sqrt(2)) / sqrt(D),   dx = da W,   dW += da^T x
     dt goes to the token's rows of the packed per-layer table (embed_backward with sqrt(P)), dx into the main
     embedding: the one gradient of the E-series that reaches the embedding without passing through a block.
-    a is recomputed (one product), as it is cheaper to redo than to keep.
+    a is recomputed (one product), as it is cheaper to redo than to keep; token_rows is not needed (y is linear in it).
 
     Shapes: dout (T, L, P), token_rows (T, L*P), x (T, D), model_proj (L*P, D), norm (P,)
             -> dtoken_rows (T, L*P), dx (T, D)
