@@ -225,6 +225,23 @@ def test_lora_gradients_match_peft_gemma4(gemma4_dir, name):
     assert_grads_close(grads, peft_grads(model, peft_model))
 
 
+def test_qlora_gradients_match_peft_gemma4(gemma4_dir):
+    """QLoRA on the MoE case: int4 storage (which keeps some matrices int8: weights.storage_for), the experts and
+    the router quantized too, against peft on transformers running our quantized weights dequantized."""
+    from test_gemma4 import dequantized_hf_model
+
+    directory = gemma4_dir("gemma4-moe")
+    model = minigemma.load(directory, quantize="int4")
+    assert not isinstance(model.params.layers[0].experts_down[0], np.ndarray)  # really quantized
+    peft_model = with_peft(dequantized_hf_model(load_hf_float32(directory), model))
+    copy_adapters(model, peft_model)
+    tokens, labels = batch(seed=1)
+    total, count, grads = train.loss_and_grads(model, tokens, labels, train="lora")
+    ref_total, _ = torch_loss_backward(peft_model, tokens, labels)
+    assert total == pytest.approx(ref_total, rel=1e-5)
+    assert_grads_close(grads, peft_grads(model, peft_model))
+
+
 @pytest.mark.parametrize("mode", ["full", "lora-dropout"])
 def test_checkpointing_gives_identical_gradients_with_kv_sharing(gemma4_dir, mode):
     """The KV-sharing trap: recomputing a shared layer in the backward needs its source's K and V, which the
