@@ -172,21 +172,20 @@ def test_lora_gradients_match_peft(checkpoint_dir, quantize):
 
 # ---- Gemma 4 (and VaultGemma): the cases of test_gemma4.py -------------------------------------------------
 
-_gemma4_dirs: dict = {}
-
-
 @pytest.fixture(scope="module")
 def gemma4_dir(tmp_path_factory):
     """name -> a saved tiny checkpoint of test_gemma4.CASES (dense K=V, E-series with KV sharing, per-layer
-    inputs and a double-wide MLP, MoE, VaultGemma), written once per module."""
+    inputs and a double-wide MLP, MoE, VaultGemma), each written once per module, when first asked for."""
     from test_gemma4 import CASES
 
+    saved = {}
+
     def get(name):
-        if name not in _gemma4_dirs:
+        if name not in saved:
             model_type, overrides = CASES[name]
-            _gemma4_dirs[name] = save(make_hf_model(model_type, seed=len(name), head_dim=16, **overrides),
-                                      tmp_path_factory.mktemp(name))
-        return _gemma4_dirs[name]
+            saved[name] = save(make_hf_model(model_type, seed=len(name), head_dim=16, **overrides),
+                               tmp_path_factory.mktemp(name))
+        return saved[name]
 
     return get
 
