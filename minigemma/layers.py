@@ -434,9 +434,29 @@ def per_layer_inputs(token_rows: np.ndarray, x: np.ndarray, model_proj, norm: np
     Shapes: token_rows (T, L*P), x (T, D), model_proj (L*P, D), norm (P,) -> (T, L, P)
     """
     T, D = x.shape
-    from_x = linear(x, model_proj) * f32(D**-0.5)  # (T, D) -> (T, L*P)
+    from_x = linear(x, model_proj) * const(x, D**-0.5)  # (T, D) -> (T, L*P)
     from_x = rms_norm(from_x.reshape(T, num_layers, -1), norm, eps)  # (T, L*P) -> (T, L, P), normed per layer
-    return (from_x + token_rows.reshape(T, num_layers, -1)) * f32(2.0**-0.5)
+    return (from_x + token_rows.reshape(T, num_layers, -1)) * const(x, 2.0**-0.5)
+
+
+def per_layer_inputs_backward(dout: np.ndarray, token_rows: np.ndarray, x: np.ndarray, model_proj, norm: np.ndarray,
+                              eps: float, num_layers: int, dmodel_proj=None, dnorm=None, linear=linear,
+                              linear_backward=linear_backward):
+    """The gradient of per_layer_inputs. With a = x W^T / sqrt(D) in L slices of P, y = (rms_norm(a) + t) / sqrt(2):
+        dt = dy / sqrt(2),   da = rms_norm_backward(dy / sqrt(2)) / sqrt(D),   dx = da W,   dW += da^T x
+    dt goes to the token's rows of the packed per-layer table (embed_backward with sqrt(P)), dx into the main
+    embedding: the one gradient of the E-series that reaches the embedding without passing through a block.
+    a is recomputed (one product), as it is cheaper to redo than to keep; token_rows is not needed (y is linear in it).
+
+    Shapes: dout (T, L, P), token_rows (T, L*P), x (T, D), model_proj (L*P, D), norm (P,)
+            -> dtoken_rows (T, L*P), dx (T, D)
+    """
+    T, D = x.shape
+    dy = dout * const(dout, 2.0**-0.5)  # (T, L, P): the token rows' share, and the normed projection's
+    a = linear(x, model_proj) * const(x, D**-0.5)  # (T, D) -> (T, L*P)
+    da = rms_norm_backward(dy, a.reshape(T, num_layers, -1), norm, eps, dnorm).reshape(T, -1)  # -> (T, L*P)
+    dx = linear_backward(da * const(da, D**-0.5), x, model_proj, dmodel_proj)  # (T, L*P) -> (T, D)
+    return dy.reshape(T, -1), dx
 
 
 def per_layer_branch(x: np.ndarray, layer_input: np.ndarray, gate, proj, norm: np.ndarray, eps: float,
@@ -451,6 +471,26 @@ def per_layer_branch(x: np.ndarray, layer_input: np.ndarray, gate, proj, norm: n
     return rms_norm(linear(h, proj), norm, eps)  # (T, P) -> (T, D)
 
 
+def per_layer_branch_backward(dout: np.ndarray, x: np.ndarray, layer_input: np.ndarray, gate, proj, norm: np.ndarray,
+                              eps: float, dgate=None, dproj=None, dnorm=None, linear=linear,
+                              linear_backward=linear_backward):
+    """The gradient of per_layer_branch. With g = gate(x), h = gelu(g) u (u the layer input), y = norm(proj(h)):
+        dh = proj^T rms_norm_backward(dy),   du = dh gelu(g),   dx = gate^T (dh u gelu'(g))
+    g and proj(h) are recomputed: P and D numbers per token, cheaper to redo than to keep.
+    Returns the gradient of x and of this layer's input (which goes back to per_layer_inputs_backward).
+
+    Shapes: dout (T, D), x (T, D), layer_input (T, P), gate (P, D), proj (D, P), norm (D,)
+            -> dx (T, D), dlayer_input (T, P)
+    """
+    g = linear(x, gate)  # (T, D) -> (T, P)
+    act = gelu_tanh(g)
+    h = act * layer_input
+    dy = rms_norm_backward(dout, linear(h, proj), norm, eps, dnorm)  # (T, D)
+    dh = linear_backward(dy, h, proj, dproj)  # (T, D) -> (T, P)
+    dx = linear_backward(gelu_tanh_backward(dh * layer_input, g), x, gate, dgate)  # (T, P) -> (T, D)
+    return dx, dh * act
+
+
 def route(x: np.ndarray, scale: np.ndarray, proj, expert_scale: np.ndarray, top_k: int, eps: float,
           linear=linear, rms_norm=rms_norm):
     """Gemma 4's MoE router: which top_k experts each token goes to, and with what weight.
@@ -462,12 +502,44 @@ def route(x: np.ndarray, scale: np.ndarray, proj, expert_scale: np.ndarray, top_
     Shapes: x (T, D), scale (D,), proj (E, D), expert_scale (E,) -> weights (T, k), experts (T, k) int
     """
     D = x.shape[-1]
-    h = rms_norm(x, np.zeros(D, f32), eps) * scale * f32(D**-0.5)  # gain 0 zero-centred: no gain
+    h = rms_norm(x, np.zeros(D, f32), eps) * scale * const(x, D**-0.5)  # gain 0 zero-centred: no gain
     probs = softmax(linear(h, proj))  # (T, D) -> (T, E)
     experts = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]  # (T, k), most probable first
     weights = np.take_along_axis(probs, experts, axis=-1)  # (T, k)
     weights = weights / weights.sum(axis=-1, keepdims=True)
     return weights * expert_scale[experts], experts
+
+
+def route_backward(dout: np.ndarray, x: np.ndarray, scale: np.ndarray, proj, expert_scale: np.ndarray,
+                   chosen: np.ndarray, eps: float, dscale=None, dproj=None, dexpert_scale=None, linear=linear,
+                   linear_backward=linear_backward) -> np.ndarray:
+    """The gradient of route's weights (the choice of experts is piecewise constant: no gradient through it).
+    With p = softmax(z), w = p[chosen], r = w / sum(w) and out = r s[chosen] (s the expert scales):
+        ds[e] += sum of dout r where e was chosen,   dr = dout s[chosen],   dw = (dr - sum(dr r)) / sum(w)
+        dz = p (dp - sum(dp p)) with dp = dw at the chosen experts, 0 elsewhere;  then back through
+        z = proj(n scale / sqrt(D)), n = rms_norm(x) without a gain.
+    The scores are recomputed from x (E numbers per token). `chosen` is what route returned.
+
+    Shapes: dout (T, k), x (T, D), scale (D,), proj (E, D), expert_scale (E,), chosen (T, k) int -> dx (T, D)
+    """
+    T, D = x.shape
+    n = rms_norm(x, np.zeros(D, f32), eps)  # (T, D), no gain
+    h = n * scale * const(n, D**-0.5)
+    probs = softmax(linear(h, proj))  # (T, D) -> (T, E)
+    w = np.take_along_axis(probs, chosen, axis=-1)  # (T, k)
+    total = w.sum(axis=-1, keepdims=True)
+    r = w / total
+    if dexpert_scale is not None:
+        np.add.at(dexpert_scale, chosen, dout * r)  # an expert chosen by many tokens gets each one's share
+    dr = dout * expert_scale[chosen]
+    dw = (dr - np.sum(dr * r, axis=-1, keepdims=True)) / total  # through the renormalisation
+    dp = np.zeros_like(probs, dtype=compute_dtype(dw, probs))
+    np.put_along_axis(dp, chosen, dw, axis=-1)  # the experts not chosen get no gradient
+    dz = probs * (dp - np.sum(dp * probs, axis=-1, keepdims=True))  # softmax backward
+    dh = linear_backward(dz, h, proj, dproj)  # (T, E) -> (T, D)
+    if dscale is not None:
+        dscale += (dh * n).sum(axis=0) * const(dh, D**-0.5)
+    return rms_norm_backward(dh * scale * const(dh, D**-0.5), x, np.zeros(D, f32), eps)
 
 
 def experts(x: np.ndarray, weights: np.ndarray, chosen: np.ndarray, gate_up: list, down: list,
@@ -480,10 +552,40 @@ def experts(x: np.ndarray, weights: np.ndarray, chosen: np.ndarray, gate_up: lis
 
     Shapes: x (T, D), weights (T, k), chosen (T, k) int, gate_up E x (2I, D), down E x (D, I) -> (T, D)
     """
-    out = np.zeros(x.shape, f32)
+    out = np.zeros(x.shape, compute_dtype(x, weights))
     for e in np.unique(chosen):
         tokens, slot = np.nonzero(chosen == e)  # the tokens that chose expert e, and in which of their k slots
         gate, up = np.split(linear(x[tokens], gate_up[e]), 2, axis=-1)  # (n, D) -> (n, 2I) -> 2 x (n, I)
         h = linear(gelu_tanh(gate) * up, down[e])  # (n, I) -> (n, D)
         out[tokens] += h * weights[tokens, slot][:, None]  # a token chooses an expert at most once
     return out
+
+
+def experts_backward(dout: np.ndarray, x: np.ndarray, weights: np.ndarray, chosen: np.ndarray, gate_up: list,
+                     down: list, dgate_up: list | None = None, ddown: list | None = None, linear=linear,
+                     linear_backward=linear_backward):
+    """The gradient of experts, one expert at a time on the tokens that chose it. For a token's expert e with
+    weight w: y += w down(gelu(g) u), [g, u] = gate_up(x), so
+        dw = <dy, down(gelu(g) u)>,   dm = down^T (w dy),   dg = dm u gelu'(g),   du = dm gelu(g),
+        dx += gate_up^T [dg, du]
+    The expert's products are recomputed (as in the forward, only on its tokens). dgate_up and ddown are lists
+    of E gradient arrays (or None: frozen). Returns the gradient of x and of the routing weights.
+
+    Shapes: dout (T, D), x (T, D), weights (T, k), chosen (T, k) int, gate_up E x (2I, D), down E x (D, I)
+            -> dx (T, D), dweights (T, k)
+    """
+    dx = np.zeros(x.shape, compute_dtype(x, dout))
+    dweights = np.zeros(weights.shape, compute_dtype(weights, dout))
+    for e in np.unique(chosen):
+        tokens, slot = np.nonzero(chosen == e)  # each token at most once: dx[tokens] += adds without collisions
+        a = linear(x[tokens], gate_up[e])  # (n, D) -> (n, 2I)
+        gate, up = np.split(a, 2, axis=-1)  # 2 x (n, I)
+        act = gelu_tanh(gate)
+        m = act * up
+        h = linear(m, down[e])  # (n, I) -> (n, D)
+        dweights[tokens, slot] = np.sum(dout[tokens] * h, axis=-1)
+        dm = linear_backward(dout[tokens] * weights[tokens, slot][:, None], m, down[e],
+                             None if ddown is None else ddown[e])  # (n, D) -> (n, I)
+        da = np.concatenate([gelu_tanh_backward(dm * up, gate), dm * act], axis=-1)  # (n, 2I)
+        dx[tokens] += linear_backward(da, x[tokens], gate_up[e], None if dgate_up is None else dgate_up[e])
+    return dx, dweights

@@ -82,6 +82,8 @@ def add_adapters(model, rank: int = 8, alpha: float = 16, targets=DEFAULT_TARGET
     for i, layer in enumerate(model.params.layers):
         for field in parse_targets(targets):
             base = getattr(layer, field)
+            if base is None:  # Gemma 4: a KV-shared layer has no k/v_proj, a K=V layer no v_proj (nor has peft)
+                continue
             if isinstance(base, LoRA):
                 raise InvalidArgument(f"layer {i} {field} already has an adapter")
             out_features, in_features = base.shape

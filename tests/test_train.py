@@ -16,6 +16,7 @@ off by far more than 1e-2.
 
 from __future__ import annotations
 
+import copy
 import tracemalloc
 
 import numpy as np
@@ -28,7 +29,7 @@ from minigemma import train, weights
 from minigemma.config import GemmaConfig
 from minigemma.errors import InvalidArgument
 from minigemma.model import Gemma
-from minigemma.params import LAYER_TENSORS
+from minigemma.params import LAYER_TENSORS, MODEL_TENSORS
 from minigemma.perplexity import log_softmax, perplexity
 
 RTOL = 1e-4
@@ -61,14 +62,24 @@ def batch(seed=0, B=3, T=11, V=160):
 
 
 def hf_name(config: GemmaConfig, name: str) -> str:
-    """Our parameter name -> transformers' (without peft's prefix)."""
-    if name == "embed":
-        return "model.embed_tokens.weight"
-    if name == "final_norm":
-        return "model.norm.weight"
+    """Our parameter name -> transformers' (without peft's prefix), by the tensor tables of params.py. A Gemma 4
+    expert's "layers.{i}.experts_down.{e}" is expert e of transformers' stacked tensor (hf_grads)."""
+    if not name.startswith("layers."):
+        return next(s.hf for s in MODEL_TENSORS if s.field == name)
     _, i, field = name.split(".")[:3]
     spec = next(s for s in LAYER_TENSORS if s.field == field and s.when(config, int(i)))
     return f"model.layers.{i}.{spec.hf}"
+
+
+def hf_grads(hf, config: GemmaConfig, names) -> dict:
+    """transformers' .grad of each of our parameters (one expert's slice of a stacked expert tensor)."""
+    hf_params = dict(hf.named_parameters())
+    out = {}
+    for name in names:
+        grad = hf_params[hf_name(config, name)].grad.numpy()
+        parts = name.split(".")
+        out[name] = grad[int(parts[3])] if len(parts) == 4 and parts[2].startswith("experts_") else grad
+    return out
 
 
 def torch_loss_backward(hf, tokens, labels) -> tuple[float, int]:
@@ -98,7 +109,8 @@ def with_peft(hf, r=4, alpha=8.0):
 def copy_adapters(model, peft_model, alpha=8.0):
     """Wrap each targeted weight of our model in a weights.LoRA holding peft's A and B."""
     modules = dict(peft_model.named_modules())
-    for name in (f"layers.{i}.{f}" for i in range(len(model.params.layers)) for f in TARGETS):
+    for name in (f"layers.{i}.{f}" for i, p in enumerate(model.params.layers) for f in TARGETS
+                 if getattr(p, f) is not None):  # Gemma 4: KV-shared layers have no k/v_proj, K=V ones no v_proj
         _, i, field = name.split(".")
         prefix = "base_model.model." + hf_name(model.config, name).removesuffix(".weight")
         A = modules[prefix + ".lora_A.default"].weight.detach().numpy().copy()
@@ -129,7 +141,7 @@ def test_full_fine_tuning_gradients_match_torch(checkpoint_dir):
     assert total == pytest.approx(ref_total, rel=1e-5)
     hf_params = dict(hf.named_parameters())
     assert len(grads) == len(hf_params)  # every parameter of transformers' model (the head is the embedding)
-    assert_grads_close(grads, {n: hf_params[hf_name(model.config, n)].grad.numpy() for n in grads})
+    assert_grads_close(grads, hf_grads(hf, model.config, grads))
 
 
 @pytest.mark.parametrize("quantize", [None, "int8", "int4"])
@@ -158,20 +170,163 @@ def test_lora_gradients_match_peft(checkpoint_dir, quantize):
     assert_grads_close(grads, peft_grads(model, peft_model))
 
 
+# ---- Gemma 4 (and VaultGemma): the cases of test_gemma4.py -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gemma4_dir(tmp_path_factory):
+    """name -> a saved tiny checkpoint of test_gemma4.CASES (dense K=V, E-series with KV sharing, per-layer
+    inputs and a double-wide MLP, MoE, VaultGemma), each written once per module, when first asked for."""
+    from test_gemma4 import CASES
+
+    saved = {}
+
+    def get(name):
+        if name not in saved:
+            model_type, overrides = CASES[name]
+            saved[name] = save(make_hf_model(model_type, seed=len(name), head_dim=16, **overrides),
+                               tmp_path_factory.mktemp(name))
+        return saved[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", ["gemma4-dense-keqv", "gemma4-eseries", "gemma4-moe", "vaultgemma"])
+def test_full_fine_tuning_gradients_match_torch_gemma4(gemma4_dir, name):
+    """Every parameter of transformers' model, Gemma 4's new ones included (per-layer table, projection and
+    norm, the per-layer branch, router, experts, the MoE norms); layer_scalar is a buffer there and frozen here."""
+    directory = gemma4_dir(name)
+    model = minigemma.load(directory)
+    hf = load_hf_float32(directory)
+    tokens, labels = batch()
+    total, count, grads = train.loss_and_grads(model, tokens, labels, train="full")
+    ref_total, ref_count = torch_loss_backward(hf, tokens, labels)
+    assert count == ref_count
+    assert total == pytest.approx(ref_total, rel=1e-5)
+    assert {hf_name(model.config, n) for n in grads} == set(dict(hf.named_parameters()))  # each one, no more
+    assert not any("layer_scalar" in n for n in grads)
+    assert_grads_close(grads, hf_grads(hf, model.config, grads))
+
+
+@pytest.mark.parametrize("name", ["gemma4-dense-keqv", "gemma4-eseries"])
+def test_lora_gradients_match_peft_gemma4(gemma4_dir, name):
+    """LoRA on the seven projections of a Gemma 4: peft wraps no k/v_proj on a KV-shared layer and no v_proj on a
+    K=V layer (transformers has none there), and neither does minigemma (lora.add_adapters, copy_adapters)."""
+    directory = gemma4_dir(name)
+    model = minigemma.load(directory)
+    peft_model = with_peft(load_hf_float32(directory))
+    copy_adapters(model, peft_model)
+    tokens, labels = batch(seed=1)
+    total, count, grads = train.loss_and_grads(model, tokens, labels, train="lora")
+    ref_total, _ = torch_loss_backward(peft_model, tokens, labels)
+    assert total == pytest.approx(ref_total, rel=1e-5)
+    wrapped = {n for n, _ in peft_model.named_modules() if n.endswith(".lora_A.default")}
+    assert len(grads) == 2 * len(wrapped) < 2 * len(TARGETS) * model.config.num_hidden_layers
+    assert_grads_close(grads, peft_grads(model, peft_model))
+
+
+def test_qlora_gradients_match_peft_gemma4(gemma4_dir):
+    """QLoRA on the MoE case: int4 storage (which keeps some matrices int8: weights.storage_for), the experts and
+    the router quantized too, against peft on transformers running our quantized weights dequantized."""
+    from test_gemma4 import dequantized_hf_model
+
+    directory = gemma4_dir("gemma4-moe")
+    model = minigemma.load(directory, quantize="int4")
+    assert not isinstance(model.params.layers[0].experts_down[0], np.ndarray)  # really quantized
+    peft_model = with_peft(dequantized_hf_model(load_hf_float32(directory), model))
+    copy_adapters(model, peft_model)
+    tokens, labels = batch(seed=1)
+    total, count, grads = train.loss_and_grads(model, tokens, labels, train="lora")
+    ref_total, _ = torch_loss_backward(peft_model, tokens, labels)
+    assert total == pytest.approx(ref_total, rel=1e-5)
+    assert_grads_close(grads, peft_grads(model, peft_model))
+
+
+@pytest.mark.parametrize("mode", ["full", "lora-dropout"])
+def test_checkpointing_gives_identical_gradients_with_kv_sharing(gemma4_dir, mode):
+    """The KV-sharing trap: recomputing a shared layer in the backward needs its source's K and V, which the
+    source's own recomputation comes after. The very same numbers with and without checkpointing."""
+    directory = gemma4_dir("gemma4-eseries")
+    model = minigemma.load(directory) if mode == "full" else lora_model(directory)
+    kind, dropout = ("full", 0.0) if mode == "full" else ("lora", 0.25)
+    tokens, labels = batch(seed=8)
+    runs = [train.loss_and_grads(model, tokens, labels, train=kind, checkpoint=ck, dropout=dropout,
+                                 rng=np.random.default_rng(1)) for ck in (False, True)]
+    assert runs[0][:2] == runs[1][:2]
+    for name in runs[0][2]:
+        np.testing.assert_array_equal(runs[0][2][name], runs[1][2][name], err_msg=name)
+
+
+def test_backends_give_the_same_gradients_gemma4(gemma4_dir):
+    """The Numba backend and the NumPy reference on the MoE case (full fine-tuning) and the E-series (QLoRA)."""
+    pytest.importorskip("numba")
+    tokens, labels = batch(seed=10)
+    directory = gemma4_dir("gemma4-moe")
+    full = [train.loss_and_grads(minigemma.load(directory, backend=b), tokens, labels, train="full")
+            for b in ("numpy", "numba")]
+    assert full[0][0] == pytest.approx(full[1][0], rel=1e-5)
+    assert_grads_close(full[1][2], full[0][2], rtol=5e-5)
+    directory = gemma4_dir("gemma4-eseries")
+    lora = [train.loss_and_grads(lora_model(directory, quantize="int8", backend=b), tokens, labels)
+            for b in ("numpy", "numba")]
+    assert_grads_close(lora[1][2], lora[0][2], rtol=5e-5)
+
+
+def test_saved_gemma4_adapter_gives_our_logits_in_peft(gemma4_dir, tmp_path):
+    """lora.add_adapters on every projection a Gemma 4 has (none on the KV-shared layers' missing k/v_proj),
+    lora.save_adapter, then peft.PeftModel.from_pretrained on transformers' model: peft finds every key
+    and computes minigemma's logits."""
+    import peft
+
+    from conftest import hf_logits
+    from minigemma.lora import adapters, add_adapters, save_adapter
+
+    directory = gemma4_dir("gemma4-eseries")
+    ours = minigemma.load(directory)
+    n = add_adapters(ours, rank=3, alpha=6, seed=0)
+    rng = np.random.default_rng(5)
+    for w in adapters(ours.params).values():  # B starts at zero; make it count
+        w.B[...] = rng.standard_normal(w.B.shape).astype(np.float32) * 0.2
+    save_adapter(ours, tmp_path / "adapter")
+    theirs = peft.PeftModel.from_pretrained(load_hf_float32(directory), tmp_path / "adapter").eval()
+    assert sum(p.numel() for name, p in theirs.named_parameters() if "lora_" in name) == n
+    ids = np.random.default_rng(3).integers(0, 160, 12)
+    expected = hf_logits(theirs, ids)
+    assert rel_err(ours.forward(ids), expected) < 1e-4
+    assert rel_err(expected, hf_logits(load_hf_float32(directory), ids)) > 1e-2  # the adapter does something
+
+
 # ---- against finite differences, in float64 ----------------------------------------------------------------
 
+S, F = "sliding_attention", "full_attention"
+# every new part of Gemma 4 at once, tiny: global layers with their own head dim (8) and one kv head, K=V,
+# proportional RoPE, per-layer inputs (P = 4), the last two layers sharing K/V (a sliding and a global one) with
+# a double-wide MLP, 3 experts (2 per token) in every block, a final soft-cap
+GEMMA4 = dict(num_hidden_layers=5, layer_types=[S, F, S, S, F], global_head_dim=8, num_global_key_value_heads=1,
+              attention_k_eq_v=True, hidden_size_per_layer_input=4, vocab_size_per_layer_input=40,
+              num_kv_shared_layers=2, use_double_wide_mlp=True, enable_moe_block=True, num_experts=3,
+              top_k_experts=2, moe_intermediate_size=5, final_logit_softcapping=3.0,
+              rope_parameters={S: {"rope_type": "default", "rope_theta": 1000.0},
+                               F: {"rope_type": "proportional", "partial_rotary_factor": 0.5, "rope_theta": 1e4}})
+
+
 def float64_model(model_type: str, seed: int, lora: bool) -> Gemma:
-    c = GemmaConfig.from_hf_dict(dict(
+    c = GemmaConfig.from_hf_dict({**dict(
         model_type=model_type, vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=6, sliding_window=3,
-        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=64,
-        **({"attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0} if model_type == "gemma2" else {})))
+        layer_types=[S, F], max_position_embeddings=64,
+        **({"attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0} if model_type == "gemma2" else {})),
+        **(GEMMA4 if model_type == "gemma4_text" else {})})
     rng = np.random.default_rng(seed)
     params = random_params(c, rng, std=0.4)
-    params.embed, params.final_norm = params.embed.astype(np.float64), params.final_norm.astype(np.float64)
+    for name in train.model_fields(params):
+        setattr(params, name, getattr(params, name).astype(np.float64))
     for p in params.layers:
         for field in train.layer_fields(p):
-            w = getattr(p, field).astype(np.float64)
+            w = getattr(p, field)
+            if isinstance(w, list):  # Gemma 4's experts
+                setattr(p, field, [m.astype(np.float64) for m in w])
+                continue
+            w = w.astype(np.float64)
             if lora and field in TARGETS:
                 w = weights.LoRA(w, rng.standard_normal((3, w.shape[1])) * 0.3,
                                  rng.standard_normal((w.shape[0], 3)) * 0.3, 0.7)
@@ -179,12 +334,15 @@ def float64_model(model_type: str, seed: int, lora: bool) -> Gemma:
     return Gemma(c, params)
 
 
-@pytest.mark.parametrize("model_type", ["gemma", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("model_type", ["gemma", "gemma2", "gemma3_text", "gemma4_text"])
 @pytest.mark.parametrize("mode", ["full", "lora", "lora-dropout"])
 def test_gradients_are_finite_differences(model_type, mode):
     """For each trainable tensor, along a random direction d: (L(p + h d) - L(p - h d)) / 2h = <grad, d>,
     with L the loss sum in float64. h = 1e-6: the truncation error shrinks as h^2 (measured: 3e-4 relative
-    at h = 1e-4 on Gemma 1's embedding, 3e-8 at 1e-6) and rounding grows as 1e-16 |L| / h ~ 1e-8."""
+    at h = 1e-4 on Gemma 1's embedding, 3e-8 at 1e-6) and rounding grows as 1e-16 |L| / h ~ 1e-8.
+    Gemma 4 (every new part at once, GEMMA4) bends more (router softmax, gelu gates stacked on gelu gates): at
+    h = 1e-6 its embedding's difference is still 6e-6 off, all within 1e-6 at h = 1e-7, so there the
+    fourth-order difference (8 (L(h) - L(-h)) - (L(2h) - L(-2h))) / 12h takes away the h^2 term instead."""
     train_kind = "full" if mode == "full" else "lora"
     model = float64_model(model_type, seed=3, lora=train_kind == "lora")
     tokens, labels = batch(seed=2, B=2, T=7, V=40)
@@ -199,14 +357,19 @@ def test_gradients_are_finite_differences(model_type, mode):
     params = train.parameters(model, train_kind)
     rng = np.random.default_rng(4)
     h = 1e-6
+
+    def loss_along(p, d, step):  # L(p + step d), p restored
+        p += step * d
+        value = train._run(model, tokens, labels, dropout=drop)[0]
+        p -= step * d
+        return value
+
     for name, p in params.items():
         d = rng.standard_normal(p.shape)
-        p += h * d
-        up = train._run(model, tokens, labels, dropout=drop)[0]
-        p -= 2 * h * d
-        down = train._run(model, tokens, labels, dropout=drop)[0]
-        p += h * d
-        numeric, analytic = (up - down) / (2 * h), float(np.sum(grads[name] * d))
+        numeric = (loss_along(p, d, h) - loss_along(p, d, -h)) / (2 * h)
+        if model_type == "gemma4_text":
+            numeric = (4 * numeric - (loss_along(p, d, 2 * h) - loss_along(p, d, -2 * h)) / (4 * h)) / 3
+        analytic = float(np.sum(grads[name] * d))
         assert numeric == pytest.approx(analytic, rel=1e-6, abs=1e-8), name
 
 
@@ -293,6 +456,8 @@ def lora_model(directory, seed=0, **load):
     for p in model.params.layers:
         for field in TARGETS:
             w = getattr(p, field)
+            if w is None:  # Gemma 4: no k/v_proj on KV-shared layers, no v_proj on K=V ones
+                continue
             setattr(p, field, weights.LoRA(w, (rng.standard_normal((4, w.shape[1])) * 0.2).astype(np.float32),
                                            (rng.standard_normal((w.shape[0], 4)) * 0.2).astype(np.float32), 2.0))
     return model
