@@ -107,11 +107,17 @@ def sha256(path: str | Path) -> str:
 
 def own_weights(params) -> None:
     """Give the model writable copies of its float32 arrays, for full fine-tuning. Loading views float32 tensors
-    straight in the memory-mapped file (hf.py), read-only: training them in place must not write the file."""
+    straight in the memory-mapped file (hf.py), read-only: training them in place must not write the file.
+    Every field, the model-level ones (Gemma 4's per-layer embeddings too) and each of Gemma 4's experts (a
+    list of matrices, each a view into the file's stacked tensor)."""
     def own(w):
+        if isinstance(w, list):
+            return [own(m) for m in w]
         return np.array(w) if isinstance(w, np.ndarray) and not w.flags.writeable else w
 
-    params.embed, params.final_norm = own(params.embed), own(params.final_norm)
+    for name, w in vars(params).items():
+        if name != "layers":
+            setattr(params, name, own(w))
     for layer in params.layers:
         for name, w in vars(layer).items():
             setattr(layer, name, own(w))
