@@ -402,8 +402,8 @@ def _as_stored(config: GemmaConfig, spec, w) -> np.ndarray:
     Float32. Gemma 4's experts (a list of E matrices here) stacked back into one (E, out, in) tensor. Norm
     gains: minigemma holds them zero-centred, multiplying by (1 + w); Gemma 1-3 files store that w (a GGUF's +1
     was undone on load), Gemma 4 files the whole multiplier (config.norm_gain_is_w), so there the 1 goes back
-    on. The load took float32(s - 1) of the stored s and this writes float32(w + 1): loading the written file
-    gives w back exactly (both roundings are exact, or cancel, for float32 gains; tests/test_lora.py checks)."""
+    on. A loaded gain, w = float32(s - 1), comes back bit for bit through float32(w + 1) and the next load's
+    - 1 (tests/test_lora.py checks); a trained one may lose the low bits of a small w (finetune.py keeps it)."""
     if spec.stacked:
         return np.ascontiguousarray(np.stack([_float32(m) for m in w]))  # E x (out, in) -> (E, out, in)
     w = _float32(w)
