@@ -302,3 +302,21 @@ def test_load_write_load_is_the_identity(checkpoint, config_from, tmp_path):
                                    err_msg=name)
     assert rel_err(hf_logits(load_hf_float32(tmp_path / "out"), IDS),
                    hf_logits(load_hf_float32(directory), IDS)) < 1e-6
+
+
+@pytest.mark.parametrize("checkpoint", [k for k in GEMMA4_CASES if k.startswith("gemma4")], indirect=True)
+def test_merge_of_a_gemma4_gguf_model(checkpoint, tmp_path):
+    """From a Gemma 4 GGUF (no config.json, norms stored as the full gain, experts stacked under llama.cpp's
+    names) merge writes a folder transformers loads to the logits minigemma computes with the adapters."""
+    from gguf_convert import convert
+
+    kind, directory = checkpoint
+    model = minigemma.load(convert(load_hf_float32(directory), tmp_path / "model.gguf"))
+    add_adapters(model, rank=2, targets=("q_proj", "down_proj"))
+    for w in adapters(model.params).values():
+        w.B[...] = 0.05
+    expected = model.forward(IDS)
+    save_merged(model, tmp_path / "merged")
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["architectures"] == ["Gemma4ForCausalLM"]
+    assert rel_err(hf_logits(load_hf_float32(tmp_path / "merged"), IDS), expected) < 1e-5
+    assert rel_err(minigemma.load(tmp_path / "merged").forward(IDS), expected) < 1e-5
