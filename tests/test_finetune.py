@@ -293,7 +293,7 @@ def _err(capsys, *argv) -> tuple[int, str]:
     return code, err[-1] if err else ""
 
 
-def test_full_run_resumed_and_extended_equals_the_whole_run(work, trainable, tmp_path):
+def test_full_run_resumed_and_extended_equals_the_whole_run(work, trainable, tmp_path, capsys):
     """--full checkpoints are HF folders; --resume loads the trained weights from there, with AdamW's moments,
     and --steps extends the run (constant schedule, so the learning rates of the two runs agree). Gemma 4's
     norm gains come back from norms.safetensors: its HF file holds w, rounded from the w - 1 trained here."""
@@ -310,6 +310,13 @@ def test_full_run_resumed_and_extended_equals_the_whole_run(work, trainable, tmp
     for name in whole:
         np.testing.assert_array_equal(part[name], whole[name], err_msg=name)
     assert (tmp_path / "part" / "norms.safetensors").exists() == kind.startswith("gemma4")
+    if kind.startswith("gemma4"):  # a norms file that does not fit the model is named, nothing is trained
+        from safetensors.numpy import save_file
+
+        save_file({"layers.0.input_norm": np.zeros(3, np.float32)}, str(tmp_path / "part" / "norms.safetensors"))
+        code, message = _err(capsys, "finetune", work / "train.jsonl", "--resume", tmp_path / "part", "--steps", 5,
+                             "--backend", "numpy")
+        assert code == 1 and "norms.safetensors: tensor layers.0.input_norm (3,) is not a norm gain" in message
 
 
 def test_gradient_accumulation_equals_one_big_batch(work, tmp_path):
