@@ -14,8 +14,9 @@ the transformers model of the same checkpoint, and one trained with peft loads h
                                ... the same under mlp.{gate,up,down}_proj
 
 (peft 0.21 `utils/save_and_load.py` get_peft_model_state_dict drops the adapter name "default" from the
-keys; the prefix is PeftModel's `base_model.model.` before the transformers module path. Gemma 1, 2 and 3
-text models all use the same module names.)
+keys; the prefix is PeftModel's `base_model.model.` before the transformers module path. Gemma 1, 2, 3 and 4
+text models all use the same module names; Gemma 4's experts are not nn.Linear modules, so target_modules
+reaches none of them, here or in peft.)
 """
 
 from __future__ import annotations
@@ -331,7 +332,7 @@ def hf_config_dict(c: GemmaConfig) -> dict:
         "eos_token_id": list(c.eos_token_id) if len(c.eos_token_id) > 1 else c.eos_token_id[0],
         "pad_token_id": c.pad_token_id, "tie_word_embeddings": True, "dtype": "float32",
         "layer_types": list(c.layer_types),
-        # Gemma 1 reads the activation from hidden_act, Gemma 2/3 from hidden_activation (config.py)
+        # Gemma 1 reads the activation from hidden_act, Gemma 2/3/4 from hidden_activation (config.py)
         ("hidden_act" if c.model_type == "gemma" else "hidden_activation"): "gelu_pytorch_tanh",
     }
     if c.model_type in ("gemma3_text", "gemma4_text"):
