@@ -15,12 +15,16 @@ micro-batches of 2 give the step that one batch of 8 would.
 Everything random is a function of (seed, micro-batch k): the order of the examples in each epoch (data.py)
 and the LoRA dropout masks. So the checkpoint's "RNG state" is the seed and the step, and a run resumed from a
 checkpoint takes exactly the steps an uninterrupted run takes (the optimizer's moments are saved with it).
+A --full checkpoint's weights are its HF directory, except Gemma 4's norm gains: minigemma trains w - 1, the
+file holds the gain w, and float32(w - 1 + 1) loses the low bits of a small w - 1; so they are saved as trained
+too, and a resumed run starts from the very weights the uninterrupted run had.
 
 The output folder (written whole, then renamed into place: lora.new_directory):
     adapter_config.json, adapter_model.safetensors     the PEFT adapter (LoRA), or
     config.json, model.safetensors, tokenizer.model    a Hugging Face directory (--full)
     trainer_state.json                                  settings, step, the loss history, the data's sha256
     optimizer.safetensors                               AdamW's moments and step count
+    norms.safetensors                                   Gemma 4 --full: the norm gains exactly as trained (above)
     loss.csv, loss.png                                  the loss curve (the picture needs matplotlib)
 """
 
@@ -47,6 +51,7 @@ from .optim import clip_grad_norm, learning_rate, make_optimizer
 
 STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.safetensors"
+NORMS = "norms.safetensors"
 
 
 @dataclass
@@ -107,11 +112,17 @@ def sha256(path: str | Path) -> str:
 
 def own_weights(params) -> None:
     """Give the model writable copies of its float32 arrays, for full fine-tuning. Loading views float32 tensors
-    straight in the memory-mapped file (hf.py), read-only: training them in place must not write the file."""
+    straight in the memory-mapped file (hf.py), read-only: training them in place must not write the file.
+    Every field, the model-level ones (Gemma 4's per-layer embeddings too) and each of Gemma 4's experts (a
+    list of matrices, each a view into the file's stacked tensor)."""
     def own(w):
+        if isinstance(w, list):
+            return [own(m) for m in w]
         return np.array(w) if isinstance(w, np.ndarray) and not w.flags.writeable else w
 
-    params.embed, params.final_norm = own(params.embed), own(params.final_norm)
+    for name, w in vars(params).items():
+        if name != "layers":
+            setattr(params, name, own(w))
     for layer in params.layers:
         for name, w in vars(layer).items():
             setattr(layer, name, own(w))
@@ -213,6 +224,8 @@ def save(run: Run, out: str | Path, model_options: dict | None = None, overwrite
         else:
             write_adapter(tmp, model.params, model.source, s.dropout)
         save_file({k: np.ascontiguousarray(v) for k, v in run.optimizer.state().items()}, str(tmp / OPTIMIZER))
+        if s.full and model.config.norm_gain_is_w:
+            save_file(_norm_gains(run.params), str(tmp / NORMS))
         state = {"step": run.step, "total_steps": run.total, "settings": dataclasses.asdict(s),
                  "model": model.source, "model_options": model_options or {}, "data_sha256": run.data_sha256,
                  "seconds": run.seconds, "tokens": run.tokens, "input_tokens": run.input_tokens,
@@ -252,8 +265,31 @@ def resume(model, directory: str | Path, state: dict) -> Run:
     except Exception as e:  # OSError, KeyError, safetensors' own SafetensorError
         raise ModelFileError(f"{Path(directory) / OPTIMIZER}: cannot restore the optimizer ({type(e).__name__}: "
                              f"{e})") from None
+    if s.full and (Path(directory) / NORMS).is_file():
+        _restore_norm_gains(params, Path(directory) / NORMS)
     return Run(model, s, optimizer, params, state["total_steps"], state["step"], state["history"],
                state["data_sha256"], state["seconds"], state["tokens"], state.get("input_tokens", 0))
+
+
+def _norm_gains(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The norm gains among the trainable arrays ("layers.3.q_norm", "final_norm", ...), as minigemma holds them."""
+    return {name: np.ascontiguousarray(w) for name, w in params.items() if name.rsplit(".", 1)[-1].endswith("_norm")}
+
+
+def _restore_norm_gains(params: dict[str, np.ndarray], path: Path) -> None:
+    """Put the saved norm gains back over those read from the HF file (module docstring), checked first."""
+    from safetensors.numpy import load_file
+
+    try:
+        saved = load_file(str(path))
+    except Exception as e:  # OSError, safetensors' own SafetensorError
+        raise ModelFileError(f"{path}: cannot read it ({type(e).__name__}: {e})") from None
+    expected = _norm_gains(params)
+    for name, w in saved.items():
+        if name not in expected or w.shape != expected[name].shape:
+            raise ModelFileError(f"{path}: tensor {name} {w.shape} is not a norm gain of this model")
+    for name, w in saved.items():
+        params[name][...] = w
 
 
 def write_curve(directory: Path, history: list[dict]) -> str:

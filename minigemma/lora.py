@@ -14,8 +14,9 @@ the transformers model of the same checkpoint, and one trained with peft loads h
                                ... the same under mlp.{gate,up,down}_proj
 
 (peft 0.21 `utils/save_and_load.py` get_peft_model_state_dict drops the adapter name "default" from the
-keys; the prefix is PeftModel's `base_model.model.` before the transformers module path. Gemma 1, 2 and 3
-text models all use the same module names.)
+keys; the prefix is PeftModel's `base_model.model.` before the transformers module path. Gemma 1, 2, 3 and 4
+text models all use the same module names; Gemma 4's experts are not nn.Linear modules, so target_modules
+reaches none of them, here or in peft.)
 """
 
 from __future__ import annotations
@@ -289,15 +290,19 @@ def load_adapter(model, directory: str | os.PathLike) -> int:
 def merged_params(params: Params) -> Params:
     """The parameters with every adapter folded into its matrix, W + scale * B A, as float32 (what a
     Hugging Face checkpoint holds). Other matrices are dequantized to float32 too: an HF directory has no
-    int8/int4 tensors. Builds new arrays; the model is unchanged."""
+    int8/int4 tensors. Every field is kept: Gemma 4's model-level per-layer embeddings as well, and its experts
+    (a list of matrices, merged one by one). Builds new arrays; the model is unchanged."""
     def merge(w):
         if w is None or isinstance(w, np.ndarray) and w.ndim == 1:
             return w
+        if isinstance(w, list):  # Gemma 4's experts: E matrices
+            return [merge(m) for m in w]
         return np.ascontiguousarray(dequantize(w) if not isinstance(w, LoRA) else w.rows(0, w.shape[0]),
                                     np.float32)
 
     layers = [type(layer)(**{f: merge(w) for f, w in vars(layer).items()}) for layer in params.layers]
-    return Params(embed=merge(params.embed), final_norm=params.final_norm, layers=layers)
+    top = {f: merge(w) for f, w in vars(params).items() if f != "layers"}
+    return Params(layers=layers, **top)
 
 
 def hf_config_dict(c: GemmaConfig) -> dict:
@@ -306,12 +311,17 @@ def hf_config_dict(c: GemmaConfig) -> dict:
     complete config too."""
     def rope(layer_type):
         r = c.rope[layer_type]
+        if r.partial_rotary_factor != 1.0:  # Gemma 4's global layers (config.py _read_rope reads these keys)
+            return {"rope_type": "proportional", "rope_theta": r.theta,
+                    "partial_rotary_factor": r.partial_rotary_factor,
+                    **({"factor": r.factor} if r.factor != 1.0 else {})}
         if r.factor != 1.0:
             return {"rope_type": "linear", "rope_theta": r.theta, "factor": r.factor}
         return {"rope_type": "default", "rope_theta": r.theta}
 
     architecture = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-                    "gemma3_text": "Gemma3ForCausalLM"}[c.model_type]
+                    "gemma3_text": "Gemma3ForCausalLM", "gemma4_text": "Gemma4ForCausalLM",
+                    "vaultgemma": "VaultGemmaForCausalLM"}[c.model_type]
     d = {
         "architectures": [architecture], "model_type": c.model_type, "vocab_size": c.vocab_size,
         "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
@@ -322,18 +332,28 @@ def hf_config_dict(c: GemmaConfig) -> dict:
         "eos_token_id": list(c.eos_token_id) if len(c.eos_token_id) > 1 else c.eos_token_id[0],
         "pad_token_id": c.pad_token_id, "tie_word_embeddings": True, "dtype": "float32",
         "layer_types": list(c.layer_types),
-        # Gemma 1 reads the activation from hidden_act, Gemma 2/3 from hidden_activation (config.py)
+        # Gemma 1 reads the activation from hidden_act, Gemma 2/3/4 from hidden_activation (config.py)
         ("hidden_act" if c.model_type == "gemma" else "hidden_activation"): "gelu_pytorch_tanh",
     }
-    if c.model_type == "gemma3_text":
+    if c.model_type in ("gemma3_text", "gemma4_text"):
         d["rope_parameters"] = {FULL: rope(FULL), SLIDING: rope(SLIDING)}
     else:
         d["rope_parameters"] = rope(FULL)
     if c.model_type != "gemma":
-        d.update(query_pre_attn_scalar=c.query_pre_attn_scalar, sliding_window=c.sliding_window,
-                 final_logit_softcapping=c.final_logit_softcapping)
-    if c.model_type == "gemma2":
+        d.update(sliding_window=c.sliding_window, final_logit_softcapping=c.final_logit_softcapping)
+    if c.model_type not in ("gemma", "gemma4_text"):  # Gemma 4 has no query scale (config.attn_scale)
+        d["query_pre_attn_scalar"] = c.query_pre_attn_scalar
+    if c.model_type in ("gemma2", "vaultgemma"):
         d["attn_logit_softcapping"] = c.attn_logit_softcapping
+    if c.model_type == "gemma4_text":  # its own fields, as Gemma4TextConfig saves them (MoE ones null when off)
+        moe = c.enable_moe_block
+        d.update(per_layer_config={str(i): dict(v) for i, v in sorted(c.per_layer_config.items())},
+                 attention_k_eq_v=c.attention_k_eq_v, hidden_size_per_layer_input=c.hidden_size_per_layer_input,
+                 vocab_size_per_layer_input=c.vocab_size_per_layer_input,
+                 num_kv_shared_layers=c.num_kv_shared_layers, use_double_wide_mlp=c.use_double_wide_mlp,
+                 enable_moe_block=moe, num_experts=c.num_experts if moe else None,
+                 top_k_experts=c.top_k_experts if moe else None,
+                 moe_intermediate_size=c.moe_intermediate_size if moe else None)
     return d
 
 
@@ -353,17 +373,17 @@ def output_config(config: GemmaConfig, source: str | None = None) -> dict:
 
 def write_hf_directory(directory: Path, config: GemmaConfig, params: Params, tokenizer=None,
                        source: str | None = None) -> None:
-    """config.json + model.safetensors (float32, transformers' tensor names from params.LAYER_TENSORS) and,
-    when there is one, the tokenizer, into an existing (temporary) directory. Norms are written as minigemma
-    holds them, zero-centred, which is also how transformers stores them (a GGUF's +1 was undone on load)."""
+    """config.json + model.safetensors (float32, transformers' tensor names from params.MODEL_TENSORS and
+    LAYER_TENSORS) and, when there is one, the tokenizer, into an existing (temporary) directory. Each tensor
+    is written as transformers stores it (_as_stored), so loading the folder gives back these params."""
     from safetensors.numpy import save_file
 
     tensors = {}
     for spec in model_specs(config):
-        tensors[spec.hf] = np.ascontiguousarray(_float32(getattr(params, spec.field)))
+        tensors[spec.hf] = _as_stored(config, spec, getattr(params, spec.field))
     for i, layer in enumerate(params.layers):
         for spec in layer_specs(config, i):
-            tensors[LAYER_PREFIX["hf"].format(i) + spec.hf] = np.ascontiguousarray(_float32(getattr(layer, spec.field)))
+            tensors[LAYER_PREFIX["hf"].format(i) + spec.hf] = _as_stored(config, spec, getattr(layer, spec.field))
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(output_config(config, source), indent=2) + "\n")
     source_tokenizer = Path(source) / "tokenizer.model" if source and Path(source).is_dir() else None
@@ -375,6 +395,22 @@ def write_hf_directory(directory: Path, config: GemmaConfig, params: Params, tok
     if (directory / "tokenizer.model").exists():  # transformers adds <bos> only when told (Gemma's own file)
         (directory / "tokenizer_config.json").write_text(json.dumps(
             {"tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False}, indent=2) + "\n")
+
+
+def _as_stored(config: GemmaConfig, spec, w) -> np.ndarray:
+    """One field as a transformers checkpoint stores it: what params.build_params undoes on load, done again.
+
+    Float32. Gemma 4's experts (a list of E matrices here) stacked back into one (E, out, in) tensor. Norm
+    gains: minigemma holds them zero-centred, multiplying by (1 + w); Gemma 1-3 files store that w (a GGUF's +1
+    was undone on load), Gemma 4 files the whole multiplier (config.norm_gain_is_w), so there the 1 goes back
+    on. A loaded gain, w = float32(s - 1), comes back bit for bit through float32(w + 1) and the next load's
+    - 1 (tests/test_lora.py checks); a trained one may lose the low bits of a small w (finetune.py keeps it)."""
+    if spec.stacked:
+        return np.ascontiguousarray(np.stack([_float32(m) for m in w]))  # E x (out, in) -> (E, out, in)
+    w = _float32(w)
+    if spec.field.endswith("_norm") and config.norm_gain_is_w:  # the loader's rule (build_params full_gains)
+        w = w + np.float32(1.0)
+    return np.ascontiguousarray(w)
 
 
 def _float32(w) -> np.ndarray:

@@ -18,9 +18,12 @@ import pytest
 
 import minigemma
 from conftest import default_sigint, hf_logits, load_hf_float32, rel_err
-from finetune_helpers import tiny_checkpoint
+from finetune_helpers import VOCAB, tiny_checkpoint
+from minigemma import finetune as ft
 from minigemma.cli import main
 from minigemma.data import collate, load_examples, micro_batch
+from minigemma.lora import adapters, add_adapters, save_adapter
+from test_gemma4 import CASES as GEMMA4_CASES  # dense K=V, E-series, MoE, VaultGemma: (model_type, overrides)
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -173,15 +176,55 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(work, tmp_path):
     assert [r["step"] for r in history] == list(range(1, 31))
 
 
-def test_full_fine_tuning_writes_an_hf_directory(work, tmp_path):
-    code = _run("finetune", work / "train.jsonl", "--out", tmp_path / "full", "--model", work / "base", "--full",
+@pytest.fixture(scope="module", params=["gemma3_text"] + list(GEMMA4_CASES))
+def trainable(request, work, tmp_path_factory):
+    """(name, checkpoint): `work`'s Gemma 3, and each Gemma 4 / VaultGemma case of test_gemma4.py with the tiny
+    tokenizer (the E-series' per-layer table then has a row for each of its tokens)."""
+    if request.param == "gemma3_text":
+        return request.param, work / "base"
+    model_type, overrides = GEMMA4_CASES[request.param]
+    if "vocab_size_per_layer_input" in overrides:
+        overrides = {**overrides, "vocab_size_per_layer_input": VOCAB}
+    return request.param, tiny_checkpoint(tmp_path_factory.mktemp(request.param), model_type, seed=1, **overrides)
+
+
+def test_full_fine_tuning_writes_an_hf_directory(work, trainable, tmp_path):
+    """The folder --full writes holds the trained model: minigemma and transformers both load it to the logits
+    of the same run kept in memory (finetune.start and fit, as the command runs them)."""
+    kind, base_dir = trainable
+    code = _run("finetune", work / "train.jsonl", "--out", tmp_path / "full", "--model", base_dir, "--full",
                 "--steps", 2, "--lr", 1e-3, "--eval", work / "eval.jsonl", "--backend", "numpy")
     assert code == 0
     trained = minigemma.load(tmp_path / "full")
-    base = minigemma.load(work / "base")
+    base = minigemma.load(base_dir)
     assert rel_err(trained.forward(IDS), base.forward(IDS)) > 1e-4  # it moved
-    assert rel_err(hf_logits(load_hf_float32(tmp_path / "full"), IDS), trained.forward(IDS)) < 1e-4
     assert trained.tokenizer.encode("the cat") == base.tokenizer.encode("the cat")
+
+    model = minigemma.load(base_dir)
+    examples, _ = load_examples(work / "train.jsonl", model.tokenizer, 512)
+    run = ft.start(model, ft.Settings(full=True, steps=2, lr=1e-3), len(examples))
+    assert ft.fit(run, examples, model.tokenizer.pad_id)
+    expected = model.forward(IDS)
+    assert rel_err(trained.forward(IDS), expected) < 1e-5
+    assert rel_err(hf_logits(load_hf_float32(tmp_path / "full"), IDS), expected) < 1e-5
+
+
+def test_merge_command_gives_the_adapted_model(trainable, tmp_path):
+    """merge writes a folder that minigemma and transformers load to the logits of the base with the adapter
+    applied (--adapter), on Gemma 3 and the Gemma 4 / VaultGemma cases (with peft as oracle: test_lora.py)."""
+    kind, base_dir = trainable
+    model = minigemma.load(base_dir)
+    add_adapters(model, rank=2, alpha=4, seed=0)  # every q/k/v/o/gate/up/down the model has
+    rng = np.random.default_rng(0)
+    for w in adapters(model.params).values():  # B starts at zero; make it count
+        w.B[...] = rng.standard_normal(w.B.shape).astype(np.float32) * 0.1
+    save_adapter(model, tmp_path / "adapter")
+    assert _run("merge", "--model", base_dir, "--adapter", tmp_path / "adapter", "--out", tmp_path / "merged",
+                "--backend", "numpy") == 0
+    expected = minigemma.load(base_dir, adapter=tmp_path / "adapter").forward(IDS)
+    assert rel_err(expected, minigemma.load(base_dir).forward(IDS)) > 1e-2  # the adapter does something
+    assert rel_err(minigemma.load(tmp_path / "merged").forward(IDS), expected) < 1e-5
+    assert rel_err(hf_logits(load_hf_float32(tmp_path / "merged"), IDS), expected) < 1e-5
 
 
 def test_merge_command_and_adapter_flag(work, tmp_path, capsys):
@@ -250,10 +293,12 @@ def _err(capsys, *argv) -> tuple[int, str]:
     return code, err[-1] if err else ""
 
 
-def test_full_run_resumed_and_extended_equals_the_whole_run(work, tmp_path):
+def test_full_run_resumed_and_extended_equals_the_whole_run(work, trainable, tmp_path, capsys):
     """--full checkpoints are HF folders; --resume loads the trained weights from there, with AdamW's moments,
-    and --steps extends the run (constant schedule, so the learning rates of the two runs agree)."""
-    common = ["--model", work / "base", "--full", "--lr", 1e-3, "--schedule", "constant", "--backend", "numpy"]
+    and --steps extends the run (constant schedule, so the learning rates of the two runs agree). Gemma 4's
+    norm gains come back from norms.safetensors: its HF file holds w, rounded from the w - 1 trained here."""
+    kind, base_dir = trainable
+    common = ["--model", base_dir, "--full", "--lr", 1e-3, "--schedule", "constant", "--backend", "numpy"]
     assert _run("finetune", work / "train.jsonl", "--out", tmp_path / "whole", "--steps", 4, *common) == 0
     assert _run("finetune", work / "train.jsonl", "--out", tmp_path / "part", "--steps", 2, *common) == 0
     assert _run("finetune", work / "train.jsonl", "--resume", tmp_path / "part", "--steps", 4,
@@ -263,7 +308,15 @@ def test_full_run_resumed_and_extended_equals_the_whole_run(work, tmp_path):
     whole, part = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("whole", "part"))
     assert sorted(whole) == sorted(part)
     for name in whole:
-        np.testing.assert_array_equal(part[name], whole[name])
+        np.testing.assert_array_equal(part[name], whole[name], err_msg=name)
+    assert (tmp_path / "part" / "norms.safetensors").exists() == kind.startswith("gemma4")
+    if kind.startswith("gemma4"):  # a norms file that does not fit the model is named, nothing is trained
+        from safetensors.numpy import save_file
+
+        save_file({"layers.0.input_norm": np.zeros(3, np.float32)}, str(tmp_path / "part" / "norms.safetensors"))
+        code, message = _err(capsys, "finetune", work / "train.jsonl", "--resume", tmp_path / "part", "--steps", 5,
+                             "--backend", "numpy")
+        assert code == 1 and "norms.safetensors: tensor layers.0.input_norm (3,) is not a norm gain" in message
 
 
 def test_gradient_accumulation_equals_one_big_batch(work, tmp_path):

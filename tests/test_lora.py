@@ -17,6 +17,7 @@ from minigemma.errors import InvalidArgument, ModelFileError
 from minigemma.lora import (MODULES, add_adapters, adapters, load_adapter, parse_targets, save_adapter,
                             save_merged)
 from minigemma.weights import LoRA
+from test_gemma4 import CASES as GEMMA4_CASES  # dense K=V, E-series, MoE, VaultGemma: (model_type, overrides)
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -98,8 +99,20 @@ def test_peft_initialisation(base):
     assert np.array_equal(ours.forward(IDS), minigemma.load(directory).forward(IDS))
 
 
-def test_merge_writes_an_hf_directory_transformers_loads(base, tmp_path):
-    kind, directory = base
+@pytest.fixture(scope="module", params=KINDS + list(GEMMA4_CASES))
+def checkpoint(request, tmp_path_factory):
+    """Gemma 1-3 (as `base`) and the Gemma 4 / VaultGemma cases of test_gemma4.py; (name, directory)."""
+    d = tmp_path_factory.mktemp(f"checkpoint-{request.param}")
+    if request.param in KINDS:
+        save(make_hf_model(request.param, seed=3), d)
+    else:
+        model_type, overrides = GEMMA4_CASES[request.param]
+        save(make_hf_model(model_type, seed=3, head_dim=16, **overrides), d)
+    return request.param, d
+
+
+def test_merge_writes_an_hf_directory_transformers_loads(checkpoint, tmp_path):
+    kind, directory = checkpoint
     theirs = peft.get_peft_model(load_hf_float32(directory), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["k_proj", "gate_proj", "up_proj"]))
     _randomize_peft_(theirs, seed=2)
@@ -110,10 +123,18 @@ def test_merge_writes_an_hf_directory_transformers_loads(base, tmp_path):
     save_merged(model, tmp_path / "merged")
     merged_hf = load_hf_float32(tmp_path / "merged")
     assert rel_err(hf_logits(merged_hf, IDS), expected) < 1e-4
-    # and minigemma reads its own output back, with no adapter left
+    # and minigemma reads its own output back, with no adapter left, as the base with the adapter (float32
+    # apart: W + s B A formed once, or the branch added at every product)
     again = minigemma.load(tmp_path / "merged")
     assert not adapters(again.params)
+    assert rel_err(again.forward(IDS), model.forward(IDS)) < 1e-5
     assert rel_err(again.forward(IDS), expected) < 1e-4
+
+    # QLoRA: merging over an int8 base writes the int8 matrices dequantized (the experts too, one by one) plus
+    # the adapters, and gives the int8 model's logits
+    qlora = minigemma.load(directory, quantize="int8", adapter=tmp_path / "adapter")
+    save_merged(qlora, tmp_path / "merged-int8")
+    assert rel_err(hf_logits(load_hf_float32(tmp_path / "merged-int8"), IDS), qlora.forward(IDS)) < 1e-5
 
 
 def test_adapter_over_int8_base_is_qlora(base, tmp_path):
@@ -230,3 +251,72 @@ def test_lora_weight_type_reads_merged_rows():
     W, A, B = (rng.standard_normal(s).astype(np.float32) for s in ((6, 5), (2, 5), (6, 2)))
     w = LoRA(W, A, B, 1.5)
     np.testing.assert_allclose(w.rows(0, 6), W + 1.5 * B @ A, rtol=1e-6)
+
+
+def _fields(params) -> dict[str, np.ndarray]:
+    """Every weight of a Params by name ("embed", "layers.3.experts_down.1", ...), None fields left out."""
+    out = {}
+    for prefix, obj in [("", params)] + [(f"layers.{i}.", layer) for i, layer in enumerate(params.layers)]:
+        for name, w in vars(obj).items():
+            if isinstance(w, list) and name != "layers":
+                out.update({f"{prefix}{name}.{e}": m for e, m in enumerate(w)})
+            elif isinstance(w, np.ndarray):
+                out[prefix + name] = w
+    return out
+
+
+@pytest.mark.parametrize("config_from", ["config.json", "minigemma"])
+def test_load_write_load_is_the_identity(checkpoint, config_from, tmp_path):
+    """write_hf_directory writes back whatever the loader reads: the same tensor names, the experts stacked as
+    transformers stores them, Gemma 4's norms as the full gain w (the loader holds w - 1), a config that reads
+    as the same config. With config_from="minigemma" the config.json is built by hf_config_dict (what a GGUF
+    source gets). Loading the written folder gives every weight back bit for bit, and transformers loads it
+    to the logits of the original file."""
+    from safetensors.numpy import load_file
+
+    from minigemma.config import GemmaConfig
+    from minigemma.lora import hf_config_dict, new_directory, write_hf_directory
+
+    kind, directory = checkpoint
+    model = minigemma.load(directory)
+    with new_directory(tmp_path / "out") as tmp:
+        write_hf_directory(tmp, model.config, model.params, source=str(directory) if config_from == "config.json"
+                           else None)
+    again = minigemma.load(tmp_path / "out")
+    assert again.config == model.config
+    if config_from == "minigemma":
+        assert GemmaConfig.from_hf_dict(hf_config_dict(model.config)) == model.config
+    else:  # the checkpoint's own config, every field kept
+        assert json.loads((tmp_path / "out" / "config.json").read_text()) == json.loads(
+            (directory / "config.json").read_text())
+    ours, theirs = _fields(model.params), _fields(again.params)
+    assert sorted(ours) == sorted(theirs)
+    for name in ours:
+        np.testing.assert_array_equal(theirs[name], ours[name], err_msg=name)
+
+    original, written = (load_file(str(d / "model.safetensors")) for d in (directory, tmp_path / "out"))
+    assert sorted(written) == sorted(original)
+    for name in original:  # a gain below 0.5 may come back an ulp away (s - 1 rounded); the rest is exact
+        np.testing.assert_allclose(written[name], original[name], rtol=0,
+                                   atol=np.spacing(np.float32(2)) if name.endswith("norm.weight") else 0,
+                                   err_msg=name)
+    assert rel_err(hf_logits(load_hf_float32(tmp_path / "out"), IDS),
+                   hf_logits(load_hf_float32(directory), IDS)) < 1e-6
+
+
+@pytest.mark.parametrize("checkpoint", [k for k in GEMMA4_CASES if k.startswith("gemma4")], indirect=True)
+def test_merge_of_a_gemma4_gguf_model(checkpoint, tmp_path):
+    """From a Gemma 4 GGUF (no config.json, norms stored as the full gain, experts stacked under llama.cpp's
+    names) merge writes a folder transformers loads to the logits minigemma computes with the adapters."""
+    from gguf_convert import convert
+
+    kind, directory = checkpoint
+    model = minigemma.load(convert(load_hf_float32(directory), tmp_path / "model.gguf"))
+    add_adapters(model, rank=2, targets=("q_proj", "down_proj"))
+    for w in adapters(model.params).values():
+        w.B[...] = 0.05
+    expected = model.forward(IDS)
+    save_merged(model, tmp_path / "merged")
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["architectures"] == ["Gemma4ForCausalLM"]
+    assert rel_err(hf_logits(load_hf_float32(tmp_path / "merged"), IDS), expected) < 1e-5
+    assert rel_err(minigemma.load(tmp_path / "merged").forward(IDS), expected) < 1e-5
