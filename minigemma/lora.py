@@ -33,7 +33,7 @@ import numpy as np
 
 from .config import FULL, SLIDING, GemmaConfig
 from .errors import InvalidArgument, ModelFileError
-from .params import LAYER_PREFIX, Params, layer_specs, model_specs
+from .params import LAYER_PREFIX, Params, layer_specs, model_specs, stores_full_gain
 from .weights import LoRA, dequantize
 
 # The matrices an adapter can sit on: LayerParams field -> transformers module path inside a block
@@ -408,7 +408,7 @@ def _as_stored(config: GemmaConfig, spec, w) -> np.ndarray:
     if spec.stacked:
         return np.ascontiguousarray(np.stack([_float32(m) for m in w]))  # E x (out, in) -> (E, out, in)
     w = _float32(w)
-    if spec.field.endswith("_norm") and config.norm_gain_is_w:  # the loader's rule (build_params full_gains)
+    if stores_full_gain(config, spec, "hf"):  # the loader's rule, undone
         w = w + np.float32(1.0)
     return np.ascontiguousarray(w)
 

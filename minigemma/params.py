@@ -224,6 +224,14 @@ class _Expert(StoredTensor):
 LAYER_PREFIX = {"hf": "model.layers.{}.", "gguf": "blk.{}."}
 
 
+def stores_full_gain(config: GemmaConfig, spec: TensorSpec, column: str) -> bool:
+    """Whether the file stores this tensor as a norm's whole multiplier (1 + w) rather than the zero-centred w
+    minigemma holds (module docstring): every norm of a GGUF file (llama.cpp adds the 1 when converting) and of
+    a Gemma 4 checkpoint (config.norm_gain_is_w). Loading takes the 1 off (build_params), writing puts it back
+    (lora.write_hf_directory)."""
+    return spec.field.endswith("_norm") and (column == "gguf" or config.norm_gain_is_w)
+
+
 def build_params(config: GemmaConfig, tensors: Mapping[str, StoredTensor], column: str, source: str,
                  ignore: Iterable[str] = (), quantize: str | None = None, dtype: str | None = None,
                  prepare: Callable = lambda w: w, done: Callable[[], None] = lambda: None) -> Params:
@@ -237,8 +245,6 @@ def build_params(config: GemmaConfig, tensors: Mapping[str, StoredTensor], colum
     backend that will run it (Backend.prepare); `done` is called after each tensor (progress bars).
     """
     used: set[str] = set()
-    # norm gains are held zero-centred (module docstring): files that store the full multiplier get 1 taken off
-    full_gains = column == "gguf" or config.norm_gain_is_w
 
     def fetch(spec: TensorSpec, layer: int | None):
         name = getattr(spec, column)
@@ -261,7 +267,7 @@ def build_params(config: GemmaConfig, tensors: Mapping[str, StoredTensor], colum
             raise
         except ValueError as e:  # e.g. a GGML type we can't dequantize, or a width int8 can't group
             raise ModelFileError(f"{source}: tensor {name}: {e}") from None
-        if spec.field.endswith("_norm") and full_gains:
+        if stores_full_gain(config, spec, column):
             weight = weight - np.float32(1.0)  # w -> w - 1: rms_norm multiplies by (1 + stored)
         done()
         return weight
