@@ -131,6 +131,9 @@ def forward(params: Params, c: GemmaConfig, token_ids, cache: KVCache, ops: kern
                          f"({c.max_position_embeddings} tokens)")
     if token_ids.min() < 0 or token_ids.max() >= c.vocab_size:
         raise InvalidArgument(f"token ids must be in [0, {c.vocab_size}), got {token_ids.min()}..{token_ids.max()}")
+    if c.per_layer_embeddings and token_ids.max() >= c.vocab_size_per_layer_input:  # a smaller per-layer table
+        raise InvalidArgument(f"token id {token_ids.max()} has no row in the per-layer embedding table "
+                              f"(vocab_size_per_layer_input = {c.vocab_size_per_layer_input})")
 
     x = embed(token_ids, params.embed, c.embed_scale, ops.embedding_rows)  # (T, D)
     record(None, embed=x)  # recording (recording.py) costs nothing unless inside `with record_forward()`

@@ -492,3 +492,14 @@ def test_training_lowers_the_loss(case):
             p -= 0.05 * grads[key] / count
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_a_token_past_the_per_layer_table_is_named(tmp_path):
+    """An E-series model whose per-layer table has fewer rows than the vocabulary (the config allows it): a token
+    id past the table is refused in one line naming the field, where an index would otherwise fail inside NumPy."""
+    model_type, overrides = CASES["gemma4-eseries"]
+    small = {**overrides, "vocab_size_per_layer_input": 100}
+    model = minigemma.load(save(make_hf_model(model_type, seed=3, head_dim=16, **small), tmp_path))
+    model.forward([1, 99])  # the last row of the table
+    with pytest.raises(minigemma.errors.InvalidArgument, match="vocab_size_per_layer_input = 100"):
+        model.forward([1, 100])
