@@ -169,6 +169,16 @@ def real_model(gguf_path):
     return minigemma.load(gguf_path, progress=False)
 
 
+@pytest.fixture(scope="session")
+def hf_builtin(real_model):
+    """transformers' float32 copy of the packaged model, through the compare command's own loader (it reads the
+    GGUF and dequantizes every tensor: 20-40 s), loaded once per session: test_real_model's oracle, and the model
+    test_compare's run of the command compares against."""
+    from minigemma.compare import load_transformers_model
+
+    return load_transformers_model(real_model)
+
+
 # Every oracle test runs on both backends: the NumPy reference (layers.py) and the Numba twins (kernels_numba.py).
 BACKENDS = ["numpy", "numba"]
 

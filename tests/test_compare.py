@@ -190,9 +190,13 @@ def test_residual_stream_of_the_builtin_model_overflows_float16(real_model):
 
 
 @pytest.mark.slow
-def test_cli_on_the_builtin_model_is_within_noise(capsys):
-    """`python -m minigemma compare`, run in-process (loading transformers' copy of the GGUF takes ~20 s)."""
+def test_cli_on_the_builtin_model_is_within_noise(capsys, monkeypatch, hf_builtin):
+    """`python -m minigemma compare`, run in-process. transformers' copy of the GGUF (20-40 s to load) is the
+    session's (conftest.hf_builtin, made by the command's own load_transformers_model), not loaded again."""
+    from minigemma import compare
     from minigemma.cli import main
+
+    monkeypatch.setattr(compare, "load_transformers_model", lambda model: hf_builtin)
 
     code = main(["compare"])
     out = capsys.readouterr().out

@@ -42,11 +42,9 @@ MAX_REL_ERR = {
 
 
 @pytest.fixture(scope="module")
-def hf_model(gguf_path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                dtype=torch.float32).eval()
+def hf_model(hf_builtin):
+    """transformers loading the same GGUF file (conftest.hf_builtin: `from_pretrained(..., gguf_file=...)`)."""
+    return hf_builtin
 
 
 _transformers_runs = {}  # prompt -> transformers' run, computed once for both backends
