@@ -550,8 +550,8 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 BLAS_ATTENTION_MIN_T = 32  # from this many queries on, attention_tiles (sgemm per tile) beats flash_attention
 BLAS_TILE = 128  # queries and keys per tile of attention_tiles: (K, G*128, 128) scores, 256 KB for G = 4 (in L2);
-# 128 beat 256 by 10-20% at 500 and 2000 tokens (Gemma 3 270M shapes): the diagonal tiles, half masked, are
-# smaller, and each pass over a block stays in cache
+# 128 beat 256 by 10-20% at 500 and 2000 tokens (Gemma 3 270M shapes, AMD EPYC): the diagonal tiles, half
+# masked, are smaller, and each pass over a block stays in cache
 
 
 def attention(q, k, v, q_positions, k_positions, window, scale, cap) -> np.ndarray:
