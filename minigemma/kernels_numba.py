@@ -367,7 +367,8 @@ DECODE_MIN_KEYS = 64  # keys per job at least, when decode_attention splits a kv
 def decode_attention(q, k, v, first, last, scale, cap, part_max, part_sum, part_out):
     """One new query per head (a decode step) over the keys first..last-1 of the cache, all visible to it:
         part over a range c of keys: m_c = max_s z_s, l_c = sum_s exp(z_s - m_c), o_c = sum_s exp(z_s - m_c) v_s
-        with z_s = cap(scale * q[h] . k[s]); merge_parts then gives out[h] = sum_c e^(m_c - M) o_c / sum_c e^(m_c - M) l_c
+        with z_s = cap(scale * q[h] . k[s]); merge_parts then gives
+        out[h] = sum_c e^(m_c - M) o_c / sum_c e^(m_c - M) l_c,  M = max_c m_c
 
     Flash-decoding (Dao et al. 2023): the keys are split into C ranges (part_max.shape[1]) so that every thread
     has a job even when there is a single kv head (Gemma 3 270M), and each job, one (kv head, range), scores
