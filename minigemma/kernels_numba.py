@@ -49,11 +49,14 @@ from numba import njit, prange
 
 from . import layers as reference
 from .packed import ROWS, Int4x64, Int8x64
-from .weights import BLOCK_BYTES, GROUP, Float16Bits, Int4, Int8, LoRA
+from .weights import GROUP, Float16Bits, Int4, Int8, LoRA
 
 f32 = np.float32
 FAST = {"reassoc", "contract"}  # reorder sums, fuse multiply-adds; nothing that changes -inf or NaN
 MATVEC_MAX_T = 8  # up to this many tokens, re-read each weight block from cache per token (no dequantizing)
+TILE_BYTES = 1 << 23  # float32 bytes of one dequantized tile for prefill's sgemm: 8 MiB (in L3), so that the 270M's
+# MLP matrices are one tile each; sgemm ran ~10% faster on (500, 640) @ (640, 2048) than on two 1024-wide halves,
+# and a 500-token int8 prefill ~4% faster than with 4 MiB tiles (AMD EPYC, docs/performance.md)
 
 
 # ---- fp16 scales ----------------------------------------------------------------------------------------------
@@ -505,15 +508,15 @@ def linear(x: np.ndarray, w) -> np.ndarray:
 
 
 def _tiled_matmul(x: np.ndarray, w, out: np.ndarray) -> None:
-    """out = x @ w.T for a packed matrix, in equal tiles of about BLOCK_BYTES of float32 weights.
+    """out = x @ w.T for a packed matrix, in equal tiles of about TILE_BYTES of float32 weights.
 
-    The tiles are written into one scratch buffer per thread, reused from call to call: a fresh 4 MB array
+    The tiles are written into one scratch buffer per thread, reused from call to call: a fresh 8 MB array
     per product costs a thousand page faults each time (docs/performance.md).
 
     Shapes: x (T, in), out (T, B*64)"""
     in_features = w.shape[1]
     blocks = out.shape[1] // ROWS
-    tiles = -(-blocks * in_features * ROWS * 4 // BLOCK_BYTES)  # ceil: how many tiles of <= BLOCK_BYTES
+    tiles = -(-blocks * in_features * ROWS * 4 // TILE_BYTES)  # ceil: how many tiles of <= TILE_BYTES
     step = -(-blocks // tiles)  # blocks per tile, the same for all but maybe the last
     scratch = _scratch(in_features * step * ROWS)
     for b0 in range(0, blocks, step):

@@ -55,12 +55,12 @@ def test_linear_equals_numpy(kind, out, groups, tokens, seed, small_tiles):
     width = 32 * groups
     w = make_weight(kind, rng.standard_normal((out, width)).astype(np.float32))
     x = rng.standard_normal((tokens, width)).astype(np.float32)
-    saved = kernels_numba.BLOCK_BYTES
-    kernels_numba.BLOCK_BYTES = 2 * 64 * 4 * width if small_tiles else saved  # (hypothesis: no monkeypatch)
+    saved = kernels_numba.TILE_BYTES
+    kernels_numba.TILE_BYTES = 2 * 64 * 4 * width if small_tiles else saved  # (hypothesis: no monkeypatch)
     try:
         ours = kernels_numba.linear(x, w)
     finally:
-        kernels_numba.BLOCK_BYTES = saved
+        kernels_numba.TILE_BYTES = saved
     ref = numpy_linear(x, w)
     assert ours.shape == ref.shape == (tokens, out) and ours.dtype == np.float32
     # the same products summed in another order: either order is within (terms) * eps * sum |x_i w_i| of the
