@@ -358,8 +358,9 @@ def gelu_tanh(x: np.ndarray) -> np.ndarray:
     Shapes: (...) -> (...)
     """
     k = compute_dtype(x).type  # float32 in inference
-    # the formula step by step in one buffer, in place: a 500-token prefill's (T, 2048) GELU took twice as long
-    # as a single expression, which makes a fresh (T, F) temporary at every operation (docs/performance.md)
+    # the formula step by step in one buffer, in place: as a single expression, which makes a fresh (T, F)
+    # temporary at every operation, a 500-token prefill's (T, 2048) GELU took twice as long (AMD EPYC,
+    # docs/performance.md)
     y = k(0.044715) * x
     y *= x
     y *= x  # 0.044715 x^3
