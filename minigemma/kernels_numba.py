@@ -510,8 +510,8 @@ def linear(x: np.ndarray, w) -> np.ndarray:
 def _tiled_matmul(x: np.ndarray, w, out: np.ndarray) -> None:
     """out = x @ w.T for a packed matrix, in equal tiles of about TILE_BYTES of float32 weights.
 
-    The tiles are written into one scratch buffer per thread, reused from call to call: a fresh 8 MB array
-    per product costs a thousand page faults each time (docs/performance.md).
+    The tiles are written into one scratch buffer per thread, reused from call to call: a fresh tile-sized
+    array per product costs a page fault per 4 KB each time (docs/performance.md).
 
     Shapes: x (T, in), out (T, B*64)"""
     in_features = w.shape[1]
