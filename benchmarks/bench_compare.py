@@ -64,8 +64,8 @@ PEERS = ("llama-bench (GGUF as stored)", "llama.cpp (GGUF as stored)")  # the fi
 
 WORKER = r"""
 import os, sys
-if sys.argv[1] == "minigemma":  # what `python -m minigemma` sets before NumPy loads OpenBLAS (__main__.py)
-    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "24")
+if sys.argv[1] == "minigemma":  # first, as in `python -m minigemma`: it sets process defaults before NumPy loads
+    import minigemma  # noqa: F401  (OpenBLAS's thread timeout, NumPy's huge pages: minigemma/__init__.py)
 import json, resource, time
 side, options, lengths, long_len = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
 import numpy as np

@@ -9,6 +9,9 @@ import json
 import os
 from pathlib import Path
 
+# first, before NumPy: importing minigemma sets the process defaults NumPy reads when it loads (OpenBLAS's thread
+# timeout, no huge pages: minigemma/__init__.py), for this process and the commands and notebooks tests start
+import minigemma  # noqa: F401, I001
 import numpy as np
 import pytest
 

@@ -132,3 +132,39 @@ def test_stats_report_weight_bytes_and_backend(real_model):
     assert 3 < reports["none"]["weight_bytes"] / reports["int8"]["weight_bytes"] < 4
     assert reports["int4"]["weight_bytes"] < reports["int8"]["weight_bytes"]
     assert {r["backend"] for r in reports.values()} == {"numba"}
+
+
+SPY_ON_NUMPY = """
+import importlib.abc, json, os, sys
+
+seen = {}  # the two variables as they were when NumPy began to load
+
+
+class Spy(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "numpy" and not seen:
+            seen.update({k: os.environ.get(k) for k in ("OPENBLAS_THREAD_TIMEOUT", "NUMPY_MADVISE_HUGEPAGE")})
+        return None  # the normal finders load it
+
+
+sys.meta_path.insert(0, Spy())
+import minigemma  # as `python -m minigemma` does, before its __main__
+import numpy as np
+
+print(json.dumps(dict(seen, huge_pages=bool(np._core.multiarray._get_madvise_hugepage()))))
+"""
+
+
+@pytest.mark.parametrize("user", [{}, {"OPENBLAS_THREAD_TIMEOUT": "10", "NUMPY_MADVISE_HUGEPAGE": "1"}],
+                         ids=["defaults", "user's own values"])
+def test_process_defaults_are_set_before_numpy_loads(user):
+    """NumPy reads OPENBLAS_THREAD_TIMEOUT (OpenBLAS) and NUMPY_MADVISE_HUGEPAGE once, when it is imported, so
+    minigemma/__init__.py sets them before importing it; a user's own values are kept."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "NUMPY_MADVISE_HUGEPAGE")}
+    result = subprocess.run([sys.executable, "-c", SPY_ON_NUMPY], capture_output=True, text=True,
+                            env={**env, **user}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    expected = user or {"OPENBLAS_THREAD_TIMEOUT": "24", "NUMPY_MADVISE_HUGEPAGE": "0"}
+    assert {k: seen[k] for k in expected} == expected
+    assert seen["huge_pages"] is (expected["NUMPY_MADVISE_HUGEPAGE"] == "1")  # NumPy took the setting
