@@ -98,11 +98,12 @@ def test_fp16_bit_trick_is_exact():
 @given(kv_heads=st.sampled_from([1, 2]), group=st.sampled_from([1, 3]), head_dim=st.sampled_from([8, 20]),
        new=st.integers(1, 40), held=st.integers(0, 150), first=st.integers(0, 50),
        window=st.sampled_from([None, 1, 7, 70]), cap=st.sampled_from([None, 2.0]), seed=st.integers(0, 2**16),
-       tile=st.sampled_from([None, 5, 16]))
-def test_attention_equals_numpy(kv_heads, group, head_dim, new, held, first, window, cap, seed, tile):
+       tile=st.sampled_from([None, 5, 16]), key_tile=st.sampled_from([3, 5, 16, 64]))
+def test_attention_equals_numpy(kv_heads, group, head_dim, new, held, first, window, cap, seed, tile, key_tile):
     """Queries are the last `new` of `held + new` keys, as with a KV cache; more than one tile of queries
     and of keys so the running softmax is rescaled across tiles. tile None: the Numba kernel
-    (flash_attention, tiles Q_TILE x K_TILE); else attention_tiles (sgemm per tile) with that tile size."""
+    (flash_attention, tiles Q_TILE x K_TILE); else attention_tiles (sgemm per tile) with tiles of `tile`
+    queries and `key_tile` keys (fewer keys than queries too: a query may see no key of a tile)."""
     rng = np.random.default_rng(seed)
     H, S = kv_heads * group, held + new
     q = rng.standard_normal((H, new, head_dim)).astype(np.float32) * 2
@@ -113,7 +114,8 @@ def test_attention_equals_numpy(kv_heads, group, head_dim, new, held, first, win
     if tile is None:
         ours = kernels_numba.attention_flash(q, k, v, q_pos, k_pos, window, 0.3, cap)
     else:
-        ours = kernels_numba.attention_tiles(q, k, v, q_pos, k_pos, window, 0.3, cap, tile=tile)
+        ours = kernels_numba.attention_tiles(q, k, v, q_pos, k_pos, window, 0.3, cap, tile=tile,
+                                              key_tile=key_tile)
     ref = numpy_attention(q, k, v, q_pos, k_pos, window, 0.3, cap)
     assert ours.shape == ref.shape and ours.dtype == np.float32
     # an average of values (|v| < ~5) with weights summing to 1, over up to 190 keys; measured <= 4.3e-6
