@@ -5,6 +5,7 @@ Every product with a weight matrix, the embedding lookup, attention and RMSNorm 
 both backends:
 
     ops.linear(x, w)                  x @ w.T for a float32, 16-bit, int8 or int4 weight     (T, in) -> (T, out)
+    ops.linears(x, w1, w2, ...)       [x @ w.T for each]: q, k, v or gate, up, in one call   -> [(T, out_i)]
     ops.embedding_rows(table, ids)    rows of the embedding table as float32                 (T,) -> (T, D)
     ops.attention(q, k, v, q_pos, k_pos, window, scale, cap)   causal (sliding) attention    -> (H, T, Dh)
     ops.rms_norm(x, w, eps)           RMSNorm with Gemma's (1 + w)                           (..., N) -> (..., N)
@@ -37,6 +38,7 @@ class Backend:
 
     name: str
     linear: Callable
+    linears: Callable
     embedding_rows: Callable
     attention: Callable
     rms_norm: Callable
@@ -51,7 +53,7 @@ def _as_is(w):
     return w
 
 
-NUMPY = Backend("numpy", linear=layers.linear, embedding_rows=layers.embedding_rows,
+NUMPY = Backend("numpy", linear=layers.linear, linears=layers.linears, embedding_rows=layers.embedding_rows,
                 attention=layers.causal_attention, rms_norm=layers.rms_norm, prepare=_as_is)
 
 BACKENDS = ("numpy", "numba")
@@ -81,7 +83,8 @@ def get(name: str | Backend = "numpy") -> Backend:
         from . import kernels_numba
 
         kernels_numba.configure()
-        _numba = Backend("numba", linear=kernels_numba.linear, embedding_rows=kernels_numba.embedding_rows,
+        _numba = Backend("numba", linear=kernels_numba.linear, linears=kernels_numba.linears,
+                         embedding_rows=kernels_numba.embedding_rows,
                          attention=kernels_numba.attention, rms_norm=kernels_numba.rms_norm,
                          prepare=kernels_numba.prepare)
     return _numba

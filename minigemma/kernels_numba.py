@@ -82,10 +82,22 @@ def fp16_to_f32(bits, out):
 
 # ---- matrix-vector products (decode) --------------------------------------------------------------------------
 
-@njit(parallel=True, fastmath=FAST, cache=True)
-def int8x64_matvec(x, q, d, out):
-    """out[t, 64b + r] = sum_g d[b, g, r] * sum_j q[b, g, j, r] * x[t, 32g + j]       (Int8x64 @ x)
+@njit(cache=True)
+def _which(sizes, job):
+    """The matrix m and its block b that global block `job` is, blocks numbered through the matrices in order."""
+    m, b = 0, np.int64(job)  # signed: a prange index is unsigned, and unsigned - signed is a float in Numba
+    while b >= sizes[m]:
+        b -= sizes[m]
+        m += 1
+    return m, b
 
+
+@njit(parallel=True, fastmath=FAST, cache=True)
+def int8x64_matvec(x, qs, ds, outs):
+    """outs[m][t, 64b + r] = sum_g d[b, g, r] * sum_j q[b, g, j, r] * x[t, 32g + j],  (q, d) = (qs[m], ds[m])
+
+    (Int8x64 @ x, for each matrix m of a tuple: the products of one input with q, k and v, or with gate and up,
+    in one parallel loop over all their blocks; one matrix is a tuple of one.)
     The innermost loop runs across the 64 rows of a block: 64 independent float32 sums that the compiler
     keeps in vector registers, one 64-byte cache line of weights per input element. Each thread takes whole
     blocks; a block (in * 64 bytes) stays in cache while it serves every token of x.
@@ -94,10 +106,13 @@ def int8x64_matvec(x, q, d, out):
     them (4 zmm or 8 ymm registers); with one input per pass those loads and stores were as many instructions
     as the multiply-adds (docs/kernels.md, "What LLVM makes of the kernels, per CPU").
 
-    Shapes: x (T, in), q (B, G, 32, 64) int8, d (B, G, 64) uint16 (fp16 bits), out (T, B*64)
+    Shapes: x (T, in), qs[m] (B_m, G, 32, 64) int8, ds[m] (B_m, G, 64) uint16 (fp16 bits), outs[m] (T, B_m*64)
     """
-    B, G = q.shape[0], q.shape[1]
-    for b in prange(B):
+    sizes = np.array([q.shape[0] for q in qs])
+    G = qs[0].shape[1]
+    for job in prange(sizes.sum()):
+        m, b = _which(sizes, job)
+        q, d, out = qs[m], ds[m], outs[m]
         acc = np.empty(ROWS, f32)
         part = np.empty(ROWS, f32)
         scale = np.empty(ROWS, f32)
@@ -118,22 +133,26 @@ def int8x64_matvec(x, q, d, out):
 
 
 @njit(parallel=True, fastmath=FAST, cache=True)
-def int4x64_matvec(x, nibbles, d, m, out):
-    """out[t, 64b + r] = sum_g d[b, g, r] * sum_j q[b, g, j, r] * x[t, 32g + j] + m[b, g, r] * sum_j x[t, 32g + j]
+def int4x64_matvec(x, nibble_s, ds, ms, outs):
+    """outs[m][t, 64b + r] = sum_g d[b, g, r] * sum_j q[b, g, j, r] * x[t, 32g + j] + m[b, g, r] * sum_j x[t, 32g + j]
 
-    (Int4x64 @ x.) The minimum m of a group multiplies the sum of its 32 inputs, computed once per token for
-    all rows, so the inner loop is the int8 kernel's with two nibbles per byte. The nibbles are split in
-    float32, not with integer masks and shifts: Numba types `byte & 15` as a 64-bit integer, and the
-    generated code then widens bytes to 64 bits and converts 8 at a time (vpmovzxbq, vcvtqq2ps). With the
-    byte b as a float, hi = floor(b / 16) and lo = b - 16 hi, so
+    (Int4x64 @ x, for each matrix of a tuple, as int8x64_matvec.) The minimum m of a group multiplies the sum
+    of its 32 inputs, computed once per token for all rows, so the inner loop is the int8 kernel's with two
+    nibbles per byte. The nibbles are split in float32, not with integer masks and shifts: Numba types
+    `byte & 15` as a 64-bit integer, and the generated code then widens bytes to 64 bits and converts 8 at a
+    time (vpmovzxbq, vcvtqq2ps). With the byte b as a float, hi = floor(b / 16) and lo = b - 16 hi, so
         x_lo * lo + x_hi * hi = x_lo * b + (x_hi - 16 x_lo) * hi
     which is one conversion, one multiply, one rounding and two fused multiply-adds per byte (two weights).
 
-    Shapes: x (T, in), nibbles (B, G, 16, 64) uint8, d, m (B, G, 64) uint16 (fp16 bits), out (T, B*64)
+    Shapes: x (T, in), nibble_s[m] (B_m, G, 16, 64) uint8, ds[m], ms[m] (B_m, G, 64) uint16 (fp16 bits),
+            outs[m] (T, B_m*64)
     """
-    B, G = nibbles.shape[0], nibbles.shape[1]
+    sizes = np.array([n.shape[0] for n in nibble_s])
+    G = nibble_s[0].shape[1]
     half = GROUP // 2
-    for b in prange(B):
+    for job in prange(sizes.sum()):
+        which, b = _which(sizes, job)
+        nibbles, d, m, out = nibble_s[which], ds[which], ms[which], outs[which]
         acc = np.empty(ROWS, f32)
         part = np.empty(ROWS, f32)
         scale = np.empty(ROWS, f32)
@@ -490,21 +509,52 @@ def linear(x: np.ndarray, w) -> np.ndarray:
             return out
         return x @ w.T  # float32 prefill: BLAS sgemm
     if isinstance(w, (Int8x64, Int4x64)):
-        width = w.q.shape[0] * ROWS if isinstance(w, Int8x64) else w.nibbles.shape[0] * ROWS
-        out = np.empty((T, width), f32)
         if T <= MATVEC_MAX_T:
-            if isinstance(w, Int8x64):
-                _run(int8x64_matvec, x, w.q, _bits(w.d), out)
-            else:
-                _run(int4x64_matvec, x, w.nibbles, _bits(w.d), _bits(w.m), out)
-        else:
-            _tiled_matmul(x, w, out)
-        return out if width == w.out_rows else np.ascontiguousarray(out[:, :w.out_rows])
+            return _packed_matvecs(x, [w])[0]
+        out = np.empty((T, _width(w)), f32)
+        _tiled_matmul(x, w, out)
+        return _logical(out, w)
     if isinstance(w, Float16Bits) and T <= MATVEC_MAX_T:
         out = np.empty((T, w.shape[0]), f32)
         _run(f16bits_matvec, x, _bits(w.data), w.dtype == "bfloat16", out)
         return out
     return reference.linear(x, w)  # 16-bit prefill (a tile widened by NumPy, then BLAS), unpacked types
+
+
+def linears(x: np.ndarray, *ws) -> list:
+    """[x @ w.T for w in ws], as layers.linears: a decode step's products of one input with several int8 (or
+    int4) matrices, q, k and v or gate and up, in one kernel call, one parallel loop over all their blocks
+    (fewer loops, and the small k and v share one with q). Other cases: one `linear` each; None gives None.
+
+    Shapes: (T, in), (out_i, in) each -> [(T, out_i)]"""
+    x = np.ascontiguousarray(x, dtype=f32)
+    given = [w for w in ws if w is not None]
+    if x.shape[0] <= MATVEC_MAX_T and len(given) > 1 and len({type(w) for w in given}) == 1 \
+            and isinstance(given[0], (Int8x64, Int4x64)):
+        products = iter(_packed_matvecs(x, given))
+        return [None if w is None else next(products) for w in ws]
+    return [None if w is None else linear(x, w) for w in ws]
+
+
+def _packed_matvecs(x: np.ndarray, ws: list) -> list:
+    """x @ w.T for Int8x64 matrices, or for Int4x64 ones, through one matrix-vector kernel call. Shapes: as linears"""
+    outs = tuple(np.empty((x.shape[0], _width(w)), f32) for w in ws)
+    if isinstance(ws[0], Int8x64):
+        _run(int8x64_matvec, x, tuple(w.q for w in ws), tuple(_bits(w.d) for w in ws), outs)
+    else:
+        _run(int4x64_matvec, x, tuple(w.nibbles for w in ws), tuple(_bits(w.d) for w in ws),
+             tuple(_bits(w.m) for w in ws), outs)
+    return [_logical(out, w) for out, w in zip(outs, ws)]
+
+
+def _width(w) -> int:
+    """Rows of a packed matrix as stored: whole blocks of 64."""
+    return (w.q if isinstance(w, Int8x64) else w.nibbles).shape[0] * ROWS
+
+
+def _logical(out: np.ndarray, w) -> np.ndarray:
+    """A product with a packed matrix without its padding rows (none for Gemma's shapes)."""
+    return out if out.shape[1] == w.out_rows else np.ascontiguousarray(out[:, :w.out_rows])
 
 
 def _tiled_matmul(x: np.ndarray, w, out: np.ndarray) -> None:

@@ -59,6 +59,16 @@ def linear(x: np.ndarray, w) -> np.ndarray:
     return out
 
 
+def linears(x: np.ndarray, *ws) -> list:
+    """[linear(x, w) for w in ws]: the products of one input with several matrices (q, k and v; gate and up).
+    A backend's twin may make them in one pass (kernels_numba.linears). A None weight (a projection the layer
+    does not have) gives None.
+
+    Shapes: (T, in), (out_i, in) each -> [(T, out_i)]
+    """
+    return [None if w is None else linear(x, w) for w in ws]
+
+
 def linear_backward(dout: np.ndarray, x: np.ndarray, w, dw=None) -> np.ndarray:
     """The gradient of linear(x, w) with respect to x, and (when asked) to the weight.
 
@@ -385,13 +395,15 @@ def gelu_tanh_backward(dout: np.ndarray, x: np.ndarray) -> np.ndarray:
     return dout * (k(0.5) * (1 + t) + k(0.5) * x * (1 - t * t) * c * (1 + k(3 * 0.044715) * x * x))
 
 
-def mlp(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray, linear=linear) -> np.ndarray:
-    """GeGLU feed-forward: down(gelu_tanh(gate(x)) * up(x)), no biases. `linear` is this module's, or a
-    backend's twin.
+def mlp(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray, linear=linear,
+        linears=linears) -> np.ndarray:
+    """GeGLU feed-forward: down(gelu_tanh(gate(x)) * up(x)), no biases. `linear` and `linears` are this
+    module's, or a backend's twins.
 
     Shapes: (T, D), gate/up (F, D), down (D, F) -> (T, D)
     """
-    return linear(gelu_tanh(linear(x, gate)) * linear(x, up), down)  # (T, F) -> (T, D)
+    g, u = linears(x, gate, up)  # (T, D) -> (T, F) each
+    return linear(gelu_tanh(g) * u, down)  # (T, F) -> (T, D)
 
 
 def mlp_backward(dout: np.ndarray, x: np.ndarray, gate, up, down, g: np.ndarray, u: np.ndarray,

@@ -40,7 +40,10 @@ def self_attention(x, p: LayerParams, c: GemmaConfig, ops: kernels.Backend, laye
     """
     T, H, K, Dh = x.shape[0], c.num_attention_heads, c.layer_kv_heads(layer), c.layer_head_dim(layer)
     eps = c.rms_norm_eps
-    q = ops.linear(x, p.q_proj).reshape(T, H, Dh).transpose(1, 0, 2)  # (T, H*Dh) -> (H, T, Dh)
+    # one call for the three products of x (a backend may make them in one pass); a projection the layer does
+    # not have is None (Gemma 4: no k_proj, v_proj with KV sharing, no v_proj with attention_k_eq_v)
+    q, k, v = ops.linears(x, p.q_proj, p.k_proj, p.v_proj)
+    q = q.reshape(T, H, Dh).transpose(1, 0, 2)  # (T, H*Dh) -> (H, T, Dh)
     if c.qk_norm:  # Gemma 3/4 normalise every head before RoPE (transformers Gemma3Attention)
         q = ops.rms_norm(q, p.q_norm, eps)
     cos, sin = rope
@@ -48,9 +51,9 @@ def self_attention(x, p: LayerParams, c: GemmaConfig, ops: kernels.Backend, laye
     if c.kv_shared(layer):  # Gemma 4: the keys and values its source layer wrote in this pass (kv is that cache)
         k, v, k_positions = kv.read(positions)
     else:
-        k = ops.linear(x, p.k_proj).reshape(T, K, Dh).transpose(1, 0, 2)  # (T, K*Dh) -> (K, T, Dh)
+        k = k.reshape(T, K, Dh).transpose(1, 0, 2)  # (T, K*Dh) -> (K, T, Dh)
         # attention_k_eq_v (Gemma 4 global layers): V is the raw K projection, before k_norm and RoPE
-        v = ops.linear(x, p.v_proj).reshape(T, K, Dh).transpose(1, 0, 2) if c.has_v_proj(layer) else k
+        v = v.reshape(T, K, Dh).transpose(1, 0, 2) if c.has_v_proj(layer) else k
         if c.qk_norm:
             k = ops.rms_norm(k, p.k_norm, eps)
         if c.value_norm:  # Gemma 4: RMSNorm without a gain on each value head (the zero-centred gain 0)
@@ -91,7 +94,7 @@ def block(x, p: LayerParams, c: GemmaConfig, ops: kernels.Backend, layer: int, r
         steps["post_attn_norm"] = h = ops.rms_norm(h, p.post_attn_norm, eps)
     steps["resid_mid"] = x = x + h
     steps["mlp_norm"] = h = ops.rms_norm(x, p.pre_mlp_norm, eps)
-    steps["mlp_out"] = h = mlp(h, p.gate_proj, p.up_proj, p.down_proj, ops.linear)
+    steps["mlp_out"] = h = mlp(h, p.gate_proj, p.up_proj, p.down_proj, ops.linear, ops.linears)
     if c.enable_moe_block:  # Gemma 4 MoE: the dense MLP's output normed, plus the experts' (from x, not h)
         steps["moe_out"] = h = ops.rms_norm(h, p.post_dense_norm, eps) + mixture_of_experts(x, p, c, ops, layer)
     if c.sandwich_norms:

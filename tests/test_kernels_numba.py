@@ -69,6 +69,49 @@ def test_linear_equals_numpy(kind, out, groups, tokens, seed, small_tiles):
     assert np.all(np.abs(ours - ref) <= width * EPS * magnitude + 1e-30)
 
 
+@settings(max_examples=30, deadline=None)
+@given(kinds=st.lists(st.sampled_from(["int8x64", "int4x64", "float32", None]), min_size=1, max_size=4),
+       outs=st.lists(st.integers(1, 200), min_size=4, max_size=4), groups=st.integers(1, 4),
+       tokens=st.sampled_from([1, 3, kernels_numba.MATVEC_MAX_T, kernels_numba.MATVEC_MAX_T + 1]),
+       seed=st.integers(0, 2**16))
+def test_linears_equal_numpy(kinds, outs, groups, tokens, seed):
+    """Several matrices read by one input (q, k, v; gate, up): all int8 or all int4 go through one kernel call
+    whose parallel loop walks the blocks of every matrix in turn (odd row counts: each one's last block is
+    padding); a mix, a None (a projection the layer lacks) or a prefill, one product each. Each product as
+    layers.linears gives it, within the bound of test_linear_equals_numpy."""
+    rng = np.random.default_rng(seed)
+    width = 32 * groups
+    ws = [None if kind is None else make_weight(kind, rng.standard_normal((n, width)).astype(np.float32))
+          for kind, n in zip(kinds, outs)]
+    x = rng.standard_normal((tokens, width)).astype(np.float32)
+    ours, ref = kernels_numba.linears(x, *ws), layers.linears(x, *ws)
+    assert len(ours) == len(ref) == len(ws)
+    for w, a, b in zip(ws, ours, ref):
+        if w is None:
+            assert a is None and b is None
+            continue
+        assert a.shape == b.shape == (tokens, w.shape[0]) and a.dtype == np.float32
+        magnitude = np.abs(x) @ np.abs(numpy_linear(np.eye(width, dtype=np.float32), w))
+        assert np.all(np.abs(a - b) <= width * EPS * magnitude + 1e-30)
+
+
+def test_linears_makes_one_kernel_call_for_matrices_packed_alike(monkeypatch):
+    """q, k and v of a decode step, all int8 (or all int4): one call of the matrix-vector kernel, with all
+    three matrices; with a prefill's tokens, one product each through the tiles."""
+    rng = np.random.default_rng(0)
+    calls = []
+    run = kernels_numba._run
+    monkeypatch.setattr(kernels_numba, "_run", lambda kernel, *a: (calls.append((kernel, a)), run(kernel, *a)))
+    for kind, kernel in (("int8x64", kernels_numba.int8x64_matvec), ("int4x64", kernels_numba.int4x64_matvec)):
+        ws = [make_weight(kind, rng.standard_normal((n, 64)).astype(np.float32)) for n in (256, 64, 64)]
+        calls.clear()
+        kernels_numba.linears(rng.standard_normal((1, 64)).astype(np.float32), *ws)
+        assert [c[0] for c in calls] == [kernel] and len(calls[0][1][1]) == 3
+        calls.clear()
+        kernels_numba.linears(rng.standard_normal((kernels_numba.MATVEC_MAX_T + 1, 64)).astype(np.float32), *ws)
+        assert kernel not in [c[0] for c in calls] and len(calls) == 3  # a tile kernel per matrix
+
+
 def test_packed_layouts_hold_the_same_matrix():
     """Packing only reorders: the same rows, the same bytes (plus zero rows up to a multiple of 64)."""
     x = np.random.default_rng(1).standard_normal((130, 96)).astype(np.float32)
