@@ -53,7 +53,12 @@ from .weights import GROUP, Float16Bits, Int4, Int8, LoRA
 
 f32 = np.float32
 FAST = {"reassoc", "contract"}  # reorder sums, fuse multiply-adds; nothing that changes -inf or NaN
-MATVEC_MAX_T = 8  # up to this many tokens, re-read each weight block from cache per token (no dequantizing)
+MATVEC_MAX_T = 8  # float32 and 16-bit weights: up to this many tokens a matrix-vector kernel, each row read once and
+# dotted with every token; more: BLAS sgemm (float32), or tiles widened by NumPy (16-bit)
+PACKED_MATVEC_MAX_T = 16  # int8 and int4: up to this many tokens the matrix-vector kernel (each block of weights
+# read from cache for every token, no dequantizing); more: dequantized tiles and sgemm. At 16 tokens the kernel
+# took 1/1.6 to 1/3.4 of the tiles' time on the 270M's matrices, LM head included; at 32 from 0.8x to 2x as
+# fast, at 64 even (AMD EPYC; the bound was 8 before issue 19's fourth session)
 TILE_BYTES = 1 << 23  # float32 bytes of one dequantized tile for prefill's sgemm: 8 MiB (in L3), so that the 270M's
 # MLP matrices are one tile each; sgemm ran ~10% faster on (500, 640) @ (640, 2048) than on two 1024-wide halves,
 # and a 500-token int8 prefill ~4% faster than with 4 MiB tiles (AMD EPYC, docs/performance.md)
@@ -509,7 +514,7 @@ def linear(x: np.ndarray, w) -> np.ndarray:
             return out
         return x @ w.T  # float32 prefill: BLAS sgemm
     if isinstance(w, (Int8x64, Int4x64)):
-        if T <= MATVEC_MAX_T:
+        if T <= PACKED_MATVEC_MAX_T:
             return _packed_matvecs(x, [w])[0]
         out = np.empty((T, _width(w)), f32)
         _tiled_matmul(x, w, out)
@@ -529,7 +534,7 @@ def linears(x: np.ndarray, *ws) -> list:
     Shapes: (T, in), (out_i, in) each -> [(T, out_i)]"""
     x = np.ascontiguousarray(x, dtype=f32)
     given = [w for w in ws if w is not None]
-    if x.shape[0] <= MATVEC_MAX_T and len(given) > 1 and len({type(w) for w in given}) == 1 \
+    if x.shape[0] <= PACKED_MATVEC_MAX_T and len(given) > 1 and len({type(w) for w in given}) == 1 \
             and isinstance(given[0], (Int8x64, Int4x64)):
         products = iter(_packed_matvecs(x, given))
         return [None if w is None else next(products) for w in ws]

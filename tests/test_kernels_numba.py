@@ -45,12 +45,14 @@ def make_weight(kind: str, x: np.ndarray):
 @settings(max_examples=40, deadline=None)
 @given(kind=st.sampled_from(["float32", "bfloat16", "float16", "int8", "int4", "int8x64", "int4x64"]),
        out=st.integers(1, 200), groups=st.integers(1, 5),
-       tokens=st.sampled_from([1, 2, kernels_numba.MATVEC_MAX_T, kernels_numba.MATVEC_MAX_T + 1, 23]),
+       tokens=st.sampled_from([1, 2, kernels_numba.MATVEC_MAX_T, kernels_numba.MATVEC_MAX_T + 1,
+                               kernels_numba.PACKED_MATVEC_MAX_T, kernels_numba.PACKED_MATVEC_MAX_T + 1, 23]),
        seed=st.integers(0, 2**16), small_tiles=st.booleans())
 def test_linear_equals_numpy(kind, out, groups, tokens, seed, small_tiles):
     """Odd row counts (a packed matrix's last block is padding), both paths (matrix-vector up to
-    MATVEC_MAX_T tokens, dequantized tiles and BLAS above); with small_tiles, tiles of 2 blocks (128
-    rows), so a prefill product takes several tiles, the last one maybe narrower."""
+    MATVEC_MAX_T tokens, PACKED_MATVEC_MAX_T for int8x64/int4x64; dequantized tiles and BLAS above); with
+    small_tiles, tiles of 2 blocks (128 rows), so a prefill product takes several tiles, the last one maybe
+    narrower."""
     rng = np.random.default_rng(seed)
     width = 32 * groups
     w = make_weight(kind, rng.standard_normal((out, width)).astype(np.float32))
@@ -72,7 +74,7 @@ def test_linear_equals_numpy(kind, out, groups, tokens, seed, small_tiles):
 @settings(max_examples=30, deadline=None)
 @given(kinds=st.lists(st.sampled_from(["int8x64", "int4x64", "float32", None]), min_size=1, max_size=4),
        outs=st.lists(st.integers(1, 200), min_size=4, max_size=4), groups=st.integers(1, 4),
-       tokens=st.sampled_from([1, 3, kernels_numba.MATVEC_MAX_T, kernels_numba.MATVEC_MAX_T + 1]),
+       tokens=st.sampled_from([1, 3, kernels_numba.PACKED_MATVEC_MAX_T, kernels_numba.PACKED_MATVEC_MAX_T + 1]),
        seed=st.integers(0, 2**16))
 def test_linears_equal_numpy(kinds, outs, groups, tokens, seed):
     """Several matrices read by one input (q, k, v; gate, up): all int8 or all int4 go through one kernel call
@@ -108,7 +110,8 @@ def test_linears_makes_one_kernel_call_for_matrices_packed_alike(monkeypatch):
         kernels_numba.linears(rng.standard_normal((1, 64)).astype(np.float32), *ws)
         assert [c[0] for c in calls] == [kernel] and len(calls[0][1][1]) == 3
         calls.clear()
-        kernels_numba.linears(rng.standard_normal((kernels_numba.MATVEC_MAX_T + 1, 64)).astype(np.float32), *ws)
+        kernels_numba.linears(rng.standard_normal((kernels_numba.PACKED_MATVEC_MAX_T + 1, 64)).astype(np.float32),
+                              *ws)
         assert kernel not in [c[0] for c in calls] and len(calls) == 3  # a tile kernel per matrix
 
 
