@@ -41,7 +41,8 @@ def self_attention(x, p: LayerParams, c: GemmaConfig, ops: kernels.Backend, laye
     T, H, K, Dh = x.shape[0], c.num_attention_heads, c.layer_kv_heads(layer), c.layer_head_dim(layer)
     eps = c.rms_norm_eps
     # one call for the three products of x (a backend may make them in one pass); a projection the layer does
-    # not have is None (Gemma 4: no k_proj, v_proj with KV sharing, no v_proj with attention_k_eq_v)
+    # not have is None and gives None (Gemma 4: neither k_proj nor v_proj on KV-shared layers, no v_proj with
+    # attention_k_eq_v)
     q, k, v = ops.linears(x, p.q_proj, p.k_proj, p.v_proj)
     q = q.reshape(T, H, Dh).transpose(1, 0, 2)  # (T, H*Dh) -> (H, T, Dh)
     if c.qk_norm:  # Gemma 3/4 normalise every head before RoPE (transformers Gemma3Attention)
