@@ -6,6 +6,7 @@ both backends:
 
     ops.linear(x, w)                  x @ w.T for a float32, 16-bit, int8 or int4 weight     (T, in) -> (T, out)
     ops.linears(x, w1, w2, ...)       [x @ w.T for each]: q, k, v or gate, up, in one call   -> [(T, out_i)]
+    ops.linear_backward(dy, x, w, dw) its gradient: dy @ W (and dW += dy^T x if asked; training) -> (T, in)
     ops.embedding_rows(table, ids)    rows of the embedding table as float32                 (T,) -> (T, D)
     ops.attention(q, k, v, q_pos, k_pos, window, scale, cap)   causal (sliding) attention    -> (H, T, Dh)
     ops.rms_norm(x, w, eps)           RMSNorm with Gemma's (1 + w)                           (..., N) -> (..., N)
@@ -39,6 +40,7 @@ class Backend:
     name: str
     linear: Callable
     linears: Callable
+    linear_backward: Callable
     embedding_rows: Callable
     attention: Callable
     rms_norm: Callable
@@ -53,8 +55,9 @@ def _as_is(w):
     return w
 
 
-NUMPY = Backend("numpy", linear=layers.linear, linears=layers.linears, embedding_rows=layers.embedding_rows,
-                attention=layers.causal_attention, rms_norm=layers.rms_norm, prepare=_as_is)
+NUMPY = Backend("numpy", linear=layers.linear, linears=layers.linears, linear_backward=layers.linear_backward,
+                embedding_rows=layers.embedding_rows, attention=layers.causal_attention, rms_norm=layers.rms_norm,
+                prepare=_as_is)
 
 BACKENDS = ("numpy", "numba")
 _numba: Backend | None = None  # built on first request: importing Numba takes a second
@@ -84,7 +87,7 @@ def get(name: str | Backend = "numpy") -> Backend:
 
         kernels_numba.configure()
         _numba = Backend("numba", linear=kernels_numba.linear, linears=kernels_numba.linears,
-                         embedding_rows=kernels_numba.embedding_rows,
+                         linear_backward=kernels_numba.linear_backward, embedding_rows=kernels_numba.embedding_rows,
                          attention=kernels_numba.attention, rms_norm=kernels_numba.rms_norm,
                          prepare=kernels_numba.prepare)
     return _numba

@@ -563,14 +563,19 @@ def _logical(out: np.ndarray, w) -> np.ndarray:
 
 
 def _tiled_matmul(x: np.ndarray, w, out: np.ndarray) -> None:
-    """out = x @ w.T for a packed matrix, in equal tiles of about TILE_BYTES of float32 weights.
+    """out = x @ w.T for a packed matrix, a tile of dequantized rows at a time (_tiles). Shapes: x (T, in), out (T, B*64)"""
+    for b0, n, tile in _tiles(w):
+        np.matmul(x, tile, out=out[:, b0 * ROWS:(b0 + n) * ROWS])  # (T, in) @ (in, n*64), sgemm
+
+
+def _tiles(w):
+    """A packed matrix as float32, in equal tiles of about TILE_BYTES: yields (b0, n, tile), the blocks b0..b0+n
+    transposed, tile (in, n*64) = W[64 b0 : 64 (b0 + n)].T, for a product with it before the next tile exists.
 
     The tiles are written into one scratch buffer per thread, reused from call to call: a fresh tile-sized
-    array per product costs a page fault per 4 KB each time (docs/performance.md).
-
-    Shapes: x (T, in), out (T, B*64)"""
+    array per product costs a page fault per 4 KB each time (docs/performance.md)."""
     in_features = w.shape[1]
-    blocks = out.shape[1] // ROWS
+    blocks = _width(w) // ROWS
     tiles = -(-blocks * in_features * ROWS * 4 // TILE_BYTES)  # ceil: how many tiles of <= TILE_BYTES
     step = -(-blocks // tiles)  # blocks per tile, the same for all but maybe the last
     scratch = _scratch(in_features * step * ROWS)
@@ -581,7 +586,26 @@ def _tiled_matmul(x: np.ndarray, w, out: np.ndarray) -> None:
             _run(int8x64_tile, w.q, _bits(w.d), b0, tile)
         else:
             _run(int4x64_tile, w.nibbles, _bits(w.d), _bits(w.m), b0, tile)
-        np.matmul(x, tile, out=out[:, b0 * ROWS:(b0 + n) * ROWS])  # (T, in) @ (in, n*64), sgemm
+        yield b0, n, tile
+
+
+def linear_backward(dout: np.ndarray, x: np.ndarray, w, dw=None) -> np.ndarray:
+    """As layers.linear_backward: dx = dout W (and the weight's gradient when asked). A frozen Int8x64 or Int4x64
+    weight, QLoRA's base, is widened by the prefill's tile kernels, a tile of rows at a time, instead of NumPy's
+    `rows`: dx += dout[:, rows] @ tile.T. A LoRA weight: its base that way, plus the reference's low-rank
+    branch. Everything else (float weights, float64 gradients in the tests) is the reference's own code.
+
+    Shapes: dout (T, out), x (T, in), w (out, in) -> dx (T, in)"""
+    if isinstance(w, LoRA):
+        dx = linear_backward(dout, x, w.base)  # the base is frozen: only its dx
+        return dx + reference.lora_update_backward(dout, x, w, *(dw if dw is not None else (None, None)))
+    if not (isinstance(w, (Int8x64, Int4x64)) and dw is None and dout.dtype == f32):
+        return reference.linear_backward(dout, x, w, dw)
+    dx = np.zeros((dout.shape[0], w.shape[1]), f32)
+    for b0, n, tile in _tiles(w):
+        stop = min((b0 + n) * ROWS, w.out_rows)  # the last tile may hold padding rows past the matrix
+        dx += dout[:, b0 * ROWS:stop] @ tile[:, :stop - b0 * ROWS].T  # (T, R) @ (R, in)
+    return dx
 
 
 _local = threading.local()

@@ -56,7 +56,7 @@ import numpy as np
 
 from .errors import InvalidArgument
 from .layers import (apply_rope, apply_rope_backward, attention_backward, attention_mask, attention_probs, embed,
-                     embed_backward, experts, experts_backward, gelu_tanh, linear_backward, lora_update,
+                     embed_backward, experts, experts_backward, gelu_tanh, lora_update,
                      lora_update_backward, mlp_backward, per_layer_branch, per_layer_branch_backward, per_layer_inputs,
                      per_layer_inputs_backward, rms_norm_backward, route, route_backward, softcap, softcap_backward)
 from .model import rope_table
@@ -183,11 +183,11 @@ class Batch:
         return self.ops.linear(x, w.base) + lora_update(x * self.dropout.mask(w, x.shape), w)
 
     def linear_backward(self, dout, x, w, dw=None):
-        """layers.linear_backward, through the same dropout mask as the forward. Shapes: (N, out) -> (N, in)"""
+        """ops.linear_backward, through the same dropout mask as the forward. Shapes: (N, out) -> (N, in)"""
         if self.dropout is None or not isinstance(w, LoRA):
-            return linear_backward(dout, x, w, dw)
+            return self.ops.linear_backward(dout, x, w, dw)
         keep = self.dropout.mask(w, x.shape)
-        dx = linear_backward(dout, x, w.base)
+        dx = self.ops.linear_backward(dout, x, w.base)
         return dx + keep * lora_update_backward(dout, x * keep, w, *(dw if dw is not None else (None, None)))
 
 
@@ -315,7 +315,7 @@ def block_backward(dout: np.ndarray, r: BlockRecord, p: LayerParams, grads: Laye
         dmoe = rms_norm_backward(dm, r.moe, p.post_moe_norm, eps, grads.post_moe_norm)
         dmoe_in, dweights = experts_backward(dmoe, r.moe_in, r.router_weights, r.router_experts, p.experts_gate_up,
                                              p.experts_down, grads.experts_gate_up, grads.experts_down,
-                                             batch.ops.linear)
+                                             batch.ops.linear, batch.ops.linear_backward)
         dmid = dmid + rms_norm_backward(dmoe_in, r.mid, p.pre_moe_norm, eps, grads.pre_moe_norm)
         dmid = dmid + route_backward(dweights, r.mid, p.router_scale, p.router_proj, p.expert_scale, r.router_experts,
                                      eps, grads.router_scale, grads.router_proj, grads.expert_scale, batch.ops.linear)
@@ -406,7 +406,7 @@ def cross_entropy_block(h: np.ndarray, table, targets: np.ndarray, cap: float | 
         return loss_sum, None
     dz = np.divide(e, sums, out=e)  # softmax
     dz[rows, targets] -= 1
-    return loss_sum, linear_backward(softcap_backward(dz, z, cap), h, table, dtable)
+    return loss_sum, ops.linear_backward(softcap_backward(dz, z, cap), h, table, dtable)
 
 
 # ---- the whole model ------------------------------------------------------------------------------------------
@@ -489,7 +489,7 @@ def _run(model, tokens, labels, slots=None, checkpoint=False, dropout=None, chun
         dtoken_rows, dx_embed = per_layer_inputs_backward(
             batch.dlayer_inputs.transpose(1, 0, 2), token_rows, x_embed, params.per_layer_model_proj,
             params.per_layer_proj_norm, c.rms_norm_eps, L, slots.per_layer_model_proj, slots.per_layer_proj_norm,
-            ops.linear)  # (L, N, P) -> (N, L, P)
+            ops.linear, ops.linear_backward)  # (L, N, P) -> (N, L, P)
         dx = dx + dx_embed  # the embedding's second gradient, beside the first block's
         if slots.embed_per_layer is not None:
             dtoken_rows[ids == c.pad_token_id] = 0  # its <pad> row gets no gradient either (padding_idx)

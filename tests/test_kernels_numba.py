@@ -115,6 +115,61 @@ def test_linears_makes_one_kernel_call_for_matrices_packed_alike(monkeypatch):
         assert kernel not in [c[0] for c in calls] and len(calls) == 3  # a tile kernel per matrix
 
 
+@settings(max_examples=30, deadline=None)
+@given(kind=st.sampled_from(["int8x64", "int4x64", "int8", "float32"]), out=st.integers(1, 200),
+       groups=st.integers(1, 4), tokens=st.sampled_from([1, 5, 40]), lora=st.booleans(), small_tiles=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_linear_backward_equals_numpy(kind, out, groups, tokens, lora, small_tiles, seed):
+    """Training's dx = dy W through the Numba backend: a frozen int8x64/int4x64 weight (QLoRA's base, alone or
+    under a LoRA) by the tile kernels, several tiles with small_tiles, the last maybe holding padding rows past
+    the matrix (odd row counts); other weights by the reference's own code. dx and LoRA's dA, dB as
+    layers.linear_backward gives them, dx within the bound of test_linear_equals_numpy (the same sums in
+    another order), dA and dB exactly (the same NumPy code on the same dx-independent inputs)."""
+    from minigemma.weights import LoRA
+
+    rng = np.random.default_rng(seed)
+    width = 32 * groups
+    w = make_weight(kind, rng.standard_normal((out, width)).astype(np.float32))
+    if lora:
+        w = LoRA(w, rng.standard_normal((3, width)).astype(np.float32), rng.standard_normal((out, 3)).astype(
+            np.float32), 0.7)
+    dy = rng.standard_normal((tokens, out)).astype(np.float32)
+    x = rng.standard_normal((tokens, width)).astype(np.float32)
+    grads = {side: (np.zeros((3, width), np.float32), np.zeros((out, 3), np.float32)) if lora else None
+             for side in ("ours", "ref")}
+    saved = kernels_numba.TILE_BYTES
+    kernels_numba.TILE_BYTES = 2 * 64 * 4 * width if small_tiles else saved  # (hypothesis: no monkeypatch)
+    try:
+        ours = kernels_numba.linear_backward(dy, x, w, grads["ours"])
+    finally:
+        kernels_numba.TILE_BYTES = saved
+    ref = layers.linear_backward(dy, x, w, grads["ref"])
+    assert ours.shape == ref.shape == (tokens, width) and ours.dtype == np.float32
+    base = w.base if lora else w
+    magnitude = np.abs(dy) @ np.abs(numpy_linear(np.eye(width, dtype=np.float32), base)).T  # sum |dy_o W_oi|
+    if lora:
+        magnitude += np.abs(ref - layers.linear_backward(dy, x, base))  # the low-rank branch, summed the same way
+    assert np.all(np.abs(ours - ref) <= out * EPS * magnitude + 1e-30)
+    if lora:
+        for a, b in zip(grads["ours"], grads["ref"]):
+            assert np.array_equal(a, b) and np.abs(b).max() > 0
+
+
+def test_linear_backward_widens_packed_weights_with_the_tile_kernels(monkeypatch):
+    """A frozen int8x64 weight's dx goes through int8x64_tile (the reference widens rows in NumPy); a float
+    weight's through the reference (no kernel at all)."""
+    rng = np.random.default_rng(0)
+    calls = []
+    monkeypatch.setattr(kernels_numba, "_run", lambda kernel, *a: calls.append(kernel))
+    monkeypatch.setattr(layers, "linear_backward", lambda *a: calls.append("reference"))
+    kernels_numba.linear_backward(np.ones((4, 130), np.float32), None, make_weight(
+        "int8x64", rng.standard_normal((130, 64)).astype(np.float32)))
+    assert calls and set(calls) == {kernels_numba.int8x64_tile}
+    calls.clear()
+    kernels_numba.linear_backward(np.ones((4, 130), np.float32), None, np.ones((130, 64), np.float32))
+    assert calls == ["reference"]
+
+
 def test_packed_layouts_hold_the_same_matrix():
     """Packing only reorders: the same rows, the same bytes (plus zero rows up to a multiple of 64)."""
     x = np.random.default_rng(1).standard_normal((130, 96)).astype(np.float32)
