@@ -49,10 +49,21 @@ def windows(n_tokens: int, context: int, stride: int) -> list[Window]:
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Shapes: (..., V) -> (..., V) float64 (the sums over 262144 entries stay exact enough)"""
-    x = logits.astype(np.float64)
-    x -= x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    """Shapes: (..., V) -> (..., V) float64 (the sums over 262144 entries stay exact enough)
+
+    In place, LOG_SOFTMAX_ROWS rows at a time: exp's temporary is then a few MB that malloc reuses, where one
+    for all rows at once (134 MB for a (64, 262144) chunk) is fresh memory each time, faulted in page by page:
+    3x slower for the same numbers."""
+    out = logits.astype(np.float64)
+    rows = out.reshape(-1, out.shape[-1])  # a view: the loop writes into out
+    for start in range(0, len(rows), LOG_SOFTMAX_ROWS):
+        x = rows[start:start + LOG_SOFTMAX_ROWS]
+        x -= x.max(axis=-1, keepdims=True)
+        x -= np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    return out
+
+
+LOG_SOFTMAX_ROWS = 4  # 8 MB of float64 for V = 262144
 
 
 def scored_logits(model, bos: int, ids: list[int], w: Window) -> Iterator[tuple[int, np.ndarray]]:
