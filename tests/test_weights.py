@@ -388,6 +388,24 @@ def test_gguf_q8_0_tensors_are_used_as_stored(gguf_path, gguf_reader):
 
 
 @pytest.mark.slow
+def test_open_gguf_reads_what_gguf_reads(gguf_path, gguf_reader):
+    """minigemma's own GGUF reader (gguf_file.open_gguf: the loader's, and notebook 10's) against the gguf
+    package's on the packaged file: the same tensors, in order, with the same types, shapes and bytes, and the
+    same metadata keys and values (the 262k-entry vocabulary arrays included)."""
+    from minigemma.gguf_file import open_gguf
+
+    ours = open_gguf(gguf_path)
+    assert [t.name for t in ours.tensors] == [t.name for t in gguf_reader.tensors]
+    for a, b in zip(ours.tensors, gguf_reader.tensors):
+        assert a.tensor_type == b.tensor_type and list(a.shape) == list(b.shape), a.name
+        assert np.array_equal(np.asarray(a.data).view(np.uint8), np.asarray(b.data).view(np.uint8)), a.name
+    theirs = {k: f for k, f in gguf_reader.fields.items() if not k.startswith("GGUF.")}  # the header's own
+    assert sorted(ours.fields) == sorted(theirs)
+    for key, f in theirs.items():
+        assert ours.fields[key].contents() == f.contents(), key
+
+
+@pytest.mark.slow
 def test_more_bits_are_the_blocks_llama_cpp_chose(gguf_reader):
     """weights.more_bits is llama.cpp's use_more_bits: the built-in Q4_K_M file, which llama.cpp's quantizer
     wrote, holds ffn_down and attn_v at more than 5 bits (Q6_K, Q8_0) in exactly those blocks."""
