@@ -9,17 +9,19 @@ back on it), never the dispatcher. Only these get a twin:
                         Int4x64), reading each weight once
                         many-token products (prefill): weights dequantized a cache-sized tile at a time
                         into float32, then BLAS sgemm (x @ tile): a hand-written GEMM rarely beats BLAS
+    linears(x, *ws)     q, k, v (or gate, up) of a decode step: one matrix-vector kernel call over all of them
+    linear_backward(..) training's dx = dy W for a frozen int8/int4 weight (QLoRA): the same tiles, dy @ tile.T
     attention(...)      an online softmax over tiles of keys (the flash-attention idea), so no (T, S) score
                         matrix is built, and a sliding-window layer only visits the keys inside its window:
                         for decode a Numba kernel per (kv head, range of keys), each key read once for
                         the query heads that share it; for a few queries one per (head, tile of queries);
-                        from 32 queries on (prefill) the same recurrence on 128 x 128 blocks whose
+                        from 32 queries on (prefill) the same recurrence on 128 x 512 blocks whose
                         products are sgemm calls (NumPy)
     rms_norm(x, w, eps) one pass per row (decode makes ~110 of these small calls per token)
 
 Which threads: decode's kernels run `prange` loops on Numba's threads; prefill's products run on OpenBLAS's,
-so the kernels used in prefill (tiles, RMSNorm) stay on one thread, and the command line (minigemma/__main__.py)
-makes OpenBLAS's worker stop spinning soon after its work (docs/kernels.md, "Threads").
+so the kernels used in prefill (tiles, RMSNorm) stay on one thread, and importing minigemma (__init__.py) makes
+OpenBLAS's worker stop spinning soon after its work (docs/kernels.md, "Threads").
 
 Rules the kernels follow (docs/kernels.md):
   * each has a header with the math and the shapes, like the NumPy twin it mirrors;
@@ -563,7 +565,9 @@ def _logical(out: np.ndarray, w) -> np.ndarray:
 
 
 def _tiled_matmul(x: np.ndarray, w, out: np.ndarray) -> None:
-    """out = x @ w.T for a packed matrix, a tile of dequantized rows at a time (_tiles). Shapes: x (T, in), out (T, B*64)"""
+    """out = x @ w.T for a packed matrix, a tile of dequantized rows at a time (_tiles).
+
+    Shapes: x (T, in), out (T, B*64)"""
     for b0, n, tile in _tiles(w):
         np.matmul(x, tile, out=out[:, b0 * ROWS:(b0 + n) * ROWS])  # (T, in) @ (in, n*64), sgemm
 
