@@ -318,7 +318,8 @@ def block_backward(dout: np.ndarray, r: BlockRecord, p: LayerParams, grads: Laye
                                              batch.ops.linear, batch.ops.linear_backward)
         dmid = dmid + rms_norm_backward(dmoe_in, r.mid, p.pre_moe_norm, eps, grads.pre_moe_norm)
         dmid = dmid + route_backward(dweights, r.mid, p.router_scale, p.router_proj, p.expert_scale, r.router_experts,
-                                     eps, grads.router_scale, grads.router_proj, grads.expert_scale, batch.ops.linear)
+                                     eps, grads.router_scale, grads.router_proj, grads.expert_scale, batch.ops.linear,
+                                     batch.ops.linear_backward)
         dm = rms_norm_backward(dm, r.m, p.post_dense_norm, eps, grads.post_dense_norm)
     dmlp_in = mlp_backward(dm, r.mlp_in, p.gate_proj, p.up_proj, p.down_proj, r.g, r.u, grads.gate_proj,
                            grads.up_proj, grads.down_proj, linear_backward=batch.linear_backward)

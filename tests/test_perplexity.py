@@ -19,16 +19,25 @@ from conftest import make_hf_model, save
 from minigemma.perplexity import log_softmax, perplexity, windows
 
 
-@pytest.mark.parametrize("shape", [(300,), (7, 300), (2, 5, 300), (0, 300)])
+@pytest.mark.parametrize("shape", [(300,), (7, 300), (2, 5, 300), (0, 300), "transposed"])
 def test_log_softmax_is_torchs(shape):
-    """log_softmax (the oracle's too, below) against torch's in float64, on every row: it works in place a few
-    rows at a time (LOG_SOFTMAX_ROWS), and 7 or 10 rows end in a partial block."""
+    """log_softmax (the oracle's too, below) against torch's in float64, on every row, and bit for bit the
+    whole-array formula: it works in place a few rows at a time (LOG_SOFTMAX_ROWS), 7 or 10 rows end in a
+    partial block, and a non-contiguous input (a transposed (5, 2, 300) view) must not be left unnormalised."""
     torch = pytest.importorskip("torch")
-    logits = (np.random.default_rng(0).standard_normal(shape) * 8).astype(np.float32)
+    if shape == "transposed":
+        logits = (np.random.default_rng(0).standard_normal((300, 2, 5)) * 8).astype(np.float32).T
+    else:
+        logits = (np.random.default_rng(0).standard_normal(shape) * 8).astype(np.float32)
+    given = logits.copy()
     ours = log_softmax(logits)
-    theirs = torch.log_softmax(torch.from_numpy(logits).double(), dim=-1).numpy()
+    theirs = torch.log_softmax(torch.from_numpy(logits.copy()).double(), dim=-1).numpy()
     assert ours.shape == logits.shape and ours.dtype == np.float64
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-12)
+    x = np.ascontiguousarray(logits, dtype=np.float64)  # C order: each row's sums in the same order as ours
+    x -= x.max(axis=-1, keepdims=True)
+    assert np.array_equal(ours, x - np.log(np.exp(x).sum(axis=-1, keepdims=True)))  # the same operations
+    assert np.array_equal(logits, given)  # the input is left as it was
 
 
 @settings(max_examples=200, deadline=None)

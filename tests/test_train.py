@@ -492,15 +492,21 @@ def test_dropout_is_seeded_and_drops(tmp_path):
     assert run(1)[0] == pytest.approx(run(2)[0], rel=1e-12)
 
 
-def test_backends_give_the_same_gradients(checkpoint_dir):
-    """The Numba backend (packed int8 layouts, its own linear and RMSNorm) and the NumPy reference. They differ
-    in float32 summation order only; backpropagated through 4 blocks that is ~1e-5 of the largest value."""
+@pytest.mark.parametrize("quantize, dropout", [("int8", 0.0), ("int4", 0.0), ("int8", 0.3)])
+def test_backends_give_the_same_gradients(checkpoint_dir, quantize, dropout):
+    """The Numba backend (packed int8/int4 layouts, its own linear, linear_backward and RMSNorm) and the NumPy
+    reference, LoRA over int8 or int4 weights (QLoRA), with dropout on the LoRA inputs too (the same masks: the
+    same seeded generator). They differ in float32 summation order only; backpropagated through 4 blocks that is
+    ~1e-5 of the largest value."""
     pytest.importorskip("numba")
     tokens, labels = batch(seed=10)
-    results = [train.loss_and_grads(lora_model(checkpoint_dir, quantize="int8", backend=b), tokens, labels)
+    results = [train.loss_and_grads(lora_model(checkpoint_dir, quantize=quantize, backend=b), tokens, labels,
+                                    dropout=dropout, rng=np.random.default_rng(3))
                for b in ("numpy", "numba")]
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
     assert_grads_close(results[1][2], results[0][2], rtol=5e-5)
+    if quantize != "int8" or dropout:
+        return  # full fine-tuning has no quantized weights and no dropout: checked once
     full = [train.loss_and_grads(minigemma.load(checkpoint_dir, backend=b), tokens, labels, train="full")
             for b in ("numpy", "numba")]
     assert_grads_close(full[1][2], full[0][2], rtol=5e-5)
