@@ -18,10 +18,11 @@ back on it), never the dispatcher. Only these get a twin:
                         from 32 queries on (prefill) the same recurrence on 128 x 512 blocks whose
                         products are sgemm calls (NumPy)
     rms_norm(x, w, eps) one pass per row (decode makes ~110 of these small calls per token)
+    apply_rope(x, c, s) one pass (decode rotates q and k of every layer: 36 small calls per token for the 270M)
 
 Which threads: decode's kernels run `prange` loops on Numba's threads; prefill's products run on OpenBLAS's,
-so the kernels used in prefill (tiles, RMSNorm) stay on one thread, and importing minigemma (__init__.py) makes
-OpenBLAS's worker stop spinning soon after its work (docs/kernels.md, "Threads").
+so the kernels used in prefill (tiles, RMSNorm, RoPE) stay on one thread, and importing minigemma (__init__.py)
+makes OpenBLAS's worker stop spinning soon after its work (docs/kernels.md, "Threads").
 
 Rules the kernels follow (docs/kernels.md):
   * each has a header with the math and the shapes, like the NumPy twin it mirrors;
@@ -250,6 +251,29 @@ def rms_norm_rows(x, weight, eps, out):
         rms = np.sqrt(f32(total / N) + f32(eps))
         for i in range(N):
             out[m, i] = x[m, i] / rms * (f32(1) + weight[i])
+
+
+# ---- RoPE -----------------------------------------------------------------------------------------------------
+
+@njit(fastmath=FAST, cache=True)
+def rope_rows(x, cos, sin, out):
+    """out[n, t, i]        = x[n, t, i] cos[t, i]               - x[n, t, i + Dh/2] sin[t, i]
+       out[n, t, i + Dh/2] = x[n, t, i + Dh/2] cos[t, i + Dh/2] + x[n, t, i] sin[t, i + Dh/2]   (layers.apply_rope)
+
+    The split-half rotation in one pass, where NumPy makes five (a product, two slices, two updates): a decode
+    step rotates q and k of every layer, 36 small calls for the 270M, most of whose NumPy time was per-call
+    overhead. x may be a strided view (Gemma 1/2 rotate the transposed projection). One thread, as rms_norm_rows.
+
+    Shapes: x (N, T, Dh), cos, sin (T, Dh), out (N, T, Dh) float32
+    """
+    N, T, Dh = x.shape
+    half = Dh // 2
+    for n in range(N):
+        for t in range(T):
+            for i in range(half):
+                a, b = x[n, t, i], x[n, t, i + half]
+                out[n, t, i] = a * cos[t, i] - b * sin[t, i]
+                out[n, t, i + half] = b * cos[t, i + half] + a * sin[t, i + half]
 
 
 # ---- dequantizing tiles (prefill) -----------------------------------------------------------------------------
@@ -635,6 +659,15 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return out
 
 
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """As layers.apply_rope, for float32 (other dtypes: the reference). Shapes: (N, T, Dh), (T, Dh) x2 -> (N, T, Dh)"""
+    if not x.dtype == cos.dtype == sin.dtype == f32:
+        return reference.apply_rope(x, cos, sin)
+    out = np.empty(x.shape, f32)
+    _run(rope_rows, x, np.ascontiguousarray(cos), np.ascontiguousarray(sin), out)
+    return out
+
+
 BLAS_ATTENTION_MIN_T = 32  # from this many queries on, attention_tiles (sgemm per tile) beats flash_attention
 BLAS_TILE = 128  # queries per tile of attention_tiles: 128 beat 256 by 10-20% at 500 and 2000 tokens (Gemma 3
 # 270M shapes, AMD EPYC), when the key tiles were as wide
@@ -770,7 +803,7 @@ def prepare(w):
 # ---- compiling ------------------------------------------------------------------------------------------------
 
 KERNELS = (int8x64_matvec, int4x64_matvec, f16bits_matvec, f32_matvec, int8x64_tile, int4x64_tile, flash_attention,
-           decode_attention, merge_parts, rms_norm_rows)
+           decode_attention, merge_parts, rms_norm_rows, rope_rows)
 _ready: set = set()  # kernels called at least once in this process
 
 

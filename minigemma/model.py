@@ -21,7 +21,7 @@ from . import kernels
 from .config import GemmaConfig, Rope
 from .errors import ContextOverflow, InvalidArgument, ModelFileError
 from .kvcache import KVCache, LayerCache
-from .layers import (apply_rope, embed, experts, mlp, per_layer_branch, per_layer_inputs, proportional_rope_angles,
+from .layers import (embed, experts, mlp, per_layer_branch, per_layer_inputs, proportional_rope_angles,
                      rope_angles, route, softcap)
 from .params import LayerParams, Params, params_nbytes
 from .recording import record
@@ -48,7 +48,7 @@ def self_attention(x, p: LayerParams, c: GemmaConfig, ops: kernels.Backend, laye
     if c.qk_norm:  # Gemma 3/4 normalise every head before RoPE (transformers Gemma3Attention)
         q = ops.rms_norm(q, p.q_norm, eps)
     cos, sin = rope
-    q = apply_rope(q, cos, sin)
+    q = ops.apply_rope(q, cos, sin)
     if c.kv_shared(layer):  # Gemma 4: the keys and values its source layer wrote in this pass (kv is that cache)
         k, v, k_positions = kv.read(positions)
     else:
@@ -59,7 +59,7 @@ def self_attention(x, p: LayerParams, c: GemmaConfig, ops: kernels.Backend, laye
             k = ops.rms_norm(k, p.k_norm, eps)
         if c.value_norm:  # Gemma 4: RMSNorm without a gain on each value head (the zero-centred gain 0)
             v = ops.rms_norm(v, np.zeros(Dh, np.float32), eps)
-        k = apply_rope(k, cos, sin)
+        k = ops.apply_rope(k, cos, sin)
         k, v, k_positions = kv.update(k, v, positions)  # (K, S, Dh) each: the cached positions and these
     record(layer, q=q, k=k, v=v, q_positions=positions, k_positions=k_positions, window=window,
            scale=c.attn_scale, softcap=c.attn_logit_softcapping)  # what the attention pattern is made of

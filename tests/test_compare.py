@@ -104,7 +104,7 @@ def attention_probs_cap_after_mask(q, k, mask, scale, cap):
 
 # bug -> (model, function to replace as "module.name", the buggy version, where compare must see it start)
 BUGS = {
-    "interleaved RoPE pairs": ("gemma3", "model.apply_rope", rope_interleaved, (0, "q")),
+    "interleaved RoPE pairs": ("gemma3", "backend.apply_rope", rope_interleaved, (0, "q")),
     "norm without +1": ("gemma1", "backend.rms_norm", rms_norm_without_plus_one, (0, "attn_norm")),
     "exact GELU": ("gemma2", "layers.gelu_tanh", gelu_exact, (0, "mlp_out")),
     "missing embedding scale": ("gemma3", "model.embed", embed_unscaled, (None, "embed")),

@@ -278,6 +278,36 @@ def test_rms_norm_equals_numpy(lead, width, scale, transposed, seed):
     assert np.all(np.abs(ours - ref) <= bound)
 
 
+# ---- RoPE ------------------------------------------------------------------------------------------------------
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 5), T=st.integers(1, 9), half=st.integers(1, 70), transposed=st.booleans(),
+       proportional=st.booleans(), seed=st.integers(0, 2**16))
+def test_apply_rope_equals_numpy(n, T, half, transposed, proportional, seed):
+    """Any head count, length and (even) head dim; x may be the strided view self_attention passes on Gemma 1/2
+    (the projection reshaped and transposed to (N, T, Dh)); Gemma 4's proportional tables leave some pairs
+    unrotated (cos 1, sin 0)."""
+    rng = np.random.default_rng(seed)
+    Dh = 2 * half
+    x = rng.standard_normal((T, n, Dh)).astype(np.float32).transpose(1, 0, 2)
+    if not transposed:
+        x = np.ascontiguousarray(x)
+    positions = rng.integers(0, 5000, T)
+    cos, sin = (layers.proportional_rope_angles(positions, Dh, 1e6, 1.0, 0.5) if proportional
+                else layers.rope_angles(positions, Dh, 1e4))
+    ours = kernels_numba.apply_rope(x, cos, sin)
+    ref = layers.apply_rope(x, cos, sin)
+    assert ours.shape == ref.shape == (n, T, Dh) and ours.dtype == np.float32
+    # each output is a x cos +- b sin: one rounding per product and one for the sum, which a fused multiply-add
+    # may skip; a few eps of |a| + |b|
+    pair = np.abs(x) + np.abs(np.concatenate([x[..., half:], x[..., :half]], axis=-1))
+    assert np.all(np.abs(ours - ref) <= 4 * EPS * pair)
+    assert not np.array_equal(ours, x) or np.all(sin == 0)  # it rotated something
+    # other dtypes (float64 gradient checks) go to the reference unchanged
+    x64 = x.astype(np.float64)
+    assert kernels_numba.apply_rope(x64, cos, sin).dtype == layers.apply_rope(x64, cos, sin).dtype
+
+
 # ---- whole models ---------------------------------------------------------------------------------------------
 
 def tiny_config(model_type: str) -> GemmaConfig:
