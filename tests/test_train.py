@@ -10,8 +10,11 @@ Oracles:
   * the definition: a dense cross-entropy over logits of the inference forward, and minigemma's perplexity.
 
 Tolerance: relative error (max |ours - torch| / max |torch|, per tensor) <= 1e-4 in float32. Both sides sum
-over a few hundred terms per value in different orders; what we see is ~1e-6. A wrong derivative anywhere is
-off by far more than 1e-2.
+over a few hundred terms per value in different orders; full fine-tuning comes within ~1e-5. peft's random B
+(init_lora_weights=False) is large, and with it the LoRA cases come within 2e-5 at the median but not always:
+over 1000 draws on gemma4-dense-keqv the worst tensor passed 1e-4 three times (1.5e-4 at most), and there
+torch's own float32 is as far from torch float64 as from ours (1.2e-4; ours is 2.5e-5 from float64). So
+with_peft seeds its draw. A wrong derivative anywhere is off by far more than 1e-2.
 """
 
 from __future__ import annotations
@@ -98,12 +101,17 @@ def assert_grads_close(ours: dict, ref: dict, rtol=RTOL):
     assert all(np.abs(g).max() > 0 for g in ref.values())  # every tensor is actually exercised
 
 
-def with_peft(hf, r=4, alpha=8.0):
+def with_peft(hf, r=4, alpha=8.0, seed=0):
+    """peft draws A and B from torch's global generator: seeded here, so the adapters (and how close float32
+    comes on them) do not depend on which tests ran before. An unseeded draw put gate_proj.B of
+    gemma4-dense-keqv at 1.95e-4 in one CI run (see the module docstring)."""
     import peft
 
     config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(TARGETS), lora_dropout=0.0,
                              init_lora_weights=False)  # B random, not zero: A's gradient is not zero
-    return peft.get_peft_model(hf, config)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return peft.get_peft_model(hf, config)
 
 
 def copy_adapters(model, peft_model, alpha=8.0):
