@@ -660,8 +660,9 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """As layers.apply_rope, for float32 (other dtypes: the reference). Shapes: (N, T, Dh), (T, Dh) x2 -> (N, T, Dh)"""
-    if not x.dtype == cos.dtype == sin.dtype == f32:
+    """As layers.apply_rope, for float32 (other dtypes: the reference). Shapes: (N, T, Dh), (T, Dh) x2 -> (N, T, Dh)
+    (other shapes, which the reference broadcasts, such as training's (B, N, T, Dh): the reference)"""
+    if not (x.dtype == cos.dtype == sin.dtype == f32 and x.ndim == 3 and cos.shape == sin.shape == x.shape[1:]):
         return reference.apply_rope(x, cos, sin)
     out = np.empty(x.shape, f32)
     _run(rope_rows, x, np.ascontiguousarray(cos), np.ascontiguousarray(sin), out)

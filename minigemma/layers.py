@@ -5,8 +5,9 @@ K kv heads, G = H/K, Dh head dim, F MLP width, V vocab). Everything is computed 
 softmax and RoPE must be (transformers#29402, #29285), and keeping one dtype keeps the reference simple.
 
 This module is the NumPy reference backend and a leaf: it imports nothing else of minigemma's but the weight
-types. `linear`, `embedding_rows`, `causal_attention` and `rms_norm` are the hot operations; a model runs them
-through its backend (kernels.py), which is either these functions or their Numba twins (kernels_numba.py).
+types. `linear`, `embedding_rows`, `causal_attention`, `rms_norm` and `apply_rope` are the hot operations; a model
+runs them through its backend (kernels.py), which is either these functions or their Numba twins
+(kernels_numba.py).
 
 Training (train.py) needs the gradient of each part: every forward that has parameters or sits on the path of
 one is followed by its `<name>_backward`, as in llm.c. A backward takes the upstream gradient `dout` first,

@@ -9,8 +9,8 @@ Gemma 4:                 the sandwich, then (E-series) x = x + norm(proj(gelu(ga
                          x = x + norm(norm(mlp(norm(x))) + norm(experts(norm(x))))
 (transformers Gemma4TextDecoderLayer)
 
-`ops` is the model's backend (kernels.py): the products with weight matrices, the embedding lookup, attention
-and RMSNorm run through it, the NumPy reference of layers.py or its Numba twins; everything else is layers.py.
+`ops` is the model's backend (kernels.py): the products with weight matrices, the embedding lookup, attention,
+RMSNorm and RoPE run through it, the NumPy reference of layers.py or its Numba twins; everything else is layers.py.
 """
 
 from __future__ import annotations

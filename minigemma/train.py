@@ -240,7 +240,7 @@ def block_forward(x: np.ndarray, p: LayerParams, layer: int, batch: Batch) -> tu
     q_raw = k_raw = v_raw = None
     if c.qk_norm:  # Gemma 3/4
         q_raw, q = q, ops.rms_norm(q, p.q_norm, eps)
-    q = apply_rope(q, cos, sin)
+    q = apply_rope(q, cos, sin)  # the reference on (B, H, T, Dh): the backend's twin takes one sequence (H, T, Dh)
     if c.kv_shared(layer):  # Gemma 4: the keys and values its source layer made in this pass
         k, v = batch.kv[c.kv_source(layer)]
     else:

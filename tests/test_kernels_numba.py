@@ -282,19 +282,23 @@ def test_rms_norm_equals_numpy(lead, width, scale, transposed, seed):
 
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 5), T=st.integers(1, 9), half=st.integers(1, 70), transposed=st.booleans(),
-       proportional=st.booleans(), seed=st.integers(0, 2**16))
-def test_apply_rope_equals_numpy(n, T, half, transposed, proportional, seed):
+       tables=st.sampled_from(["rope", "proportional", "random"]), seed=st.integers(0, 2**16))
+def test_apply_rope_equals_numpy(n, T, half, transposed, tables, seed):
     """Any head count, length and (even) head dim; x may be the strided view self_attention passes on Gemma 1/2
     (the projection reshaped and transposed to (N, T, Dh)); Gemma 4's proportional tables leave some pairs
-    unrotated (cos 1, sin 0)."""
+    unrotated (cos 1, sin 0); random tables differ between the halves (a kernel reading sin[:half] for both
+    halves, or cos of the wrong position, fails there)."""
     rng = np.random.default_rng(seed)
     Dh = 2 * half
     x = rng.standard_normal((T, n, Dh)).astype(np.float32).transpose(1, 0, 2)
     if not transposed:
         x = np.ascontiguousarray(x)
     positions = rng.integers(0, 5000, T)
-    cos, sin = (layers.proportional_rope_angles(positions, Dh, 1e6, 1.0, 0.5) if proportional
-                else layers.rope_angles(positions, Dh, 1e4))
+    if tables == "random":
+        cos, sin = rng.uniform(-1, 1, (2, T, Dh)).astype(np.float32)
+    else:
+        cos, sin = (layers.proportional_rope_angles(positions, Dh, 1e6, 1.0, 0.5) if tables == "proportional"
+                    else layers.rope_angles(positions, Dh, 1e4))
     ours = kernels_numba.apply_rope(x, cos, sin)
     ref = layers.apply_rope(x, cos, sin)
     assert ours.shape == ref.shape == (n, T, Dh) and ours.dtype == np.float32
@@ -302,10 +306,12 @@ def test_apply_rope_equals_numpy(n, T, half, transposed, proportional, seed):
     # may skip; a few eps of |a| + |b|
     pair = np.abs(x) + np.abs(np.concatenate([x[..., half:], x[..., :half]], axis=-1))
     assert np.all(np.abs(ours - ref) <= 4 * EPS * pair)
-    assert not np.array_equal(ours, x) or np.all(sin == 0)  # it rotated something
-    # other dtypes (float64 gradient checks) go to the reference unchanged
+    # the case is not trivial: the reference moved x by more than that bound somewhere (unless every pair stays)
+    assert np.any(np.abs(ref - x) > 4 * EPS * pair) or (np.all(sin == 0) and np.all(cos == 1))
+    # other dtypes (float64 gradient checks) and shapes (training's (B, N, T, Dh)) go to the reference unchanged
     x64 = x.astype(np.float64)
     assert kernels_numba.apply_rope(x64, cos, sin).dtype == layers.apply_rope(x64, cos, sin).dtype
+    np.testing.assert_array_equal(kernels_numba.apply_rope(x[None], cos, sin), layers.apply_rope(x[None], cos, sin))
 
 
 # ---- whole models ---------------------------------------------------------------------------------------------
