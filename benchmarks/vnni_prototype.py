@@ -107,12 +107,11 @@ def pack(m: Int8):
 
 
 def quantize_activations(x: np.ndarray):
-    """Q8_0 of one vector: int8 per group of 32 with a float32 scale amax / 127; and 128 * each group's sum."""
-    groups = x.reshape(-1, 32)
-    scale = (np.abs(groups).max(axis=1) / np.float32(127)).astype(np.float32)
-    inv = np.divide(np.float32(1), scale, out=np.zeros_like(scale), where=scale != 0)
-    xq = np.round(groups * inv[:, None]).astype(np.int8)
-    return xq.reshape(-1), scale, 128 * xq.astype(np.int32).sum(axis=1, dtype=np.int32)
+    """Q8_0 of one vector, as llama.cpp rounds activations (Int8.from_float: int8 per group of 32, scale
+    amax / 127 in fp16); and 128 * each group's sum. Shapes: (in,) -> (in,) int8, (G,) float32, (G,) int32"""
+    q8 = Int8.from_float(x[None])
+    xq = q8.q.reshape(-1)
+    return xq, q8.d[0].astype(np.float32), 128 * q8.q[0].astype(np.int32).sum(axis=1, dtype=np.int32)
 
 
 def inner_loop_counts() -> dict:
