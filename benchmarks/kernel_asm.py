@@ -43,7 +43,7 @@ def main():
     u16, T, B, G = np.uint16, 1, 2, 4
     x = np.zeros((T, G * 32), np.float32)
     cases = {  # kernel: arguments of the types a model passes
-        "int8x64_matvec": (x, (np.zeros((B, G, 32, 64), np.int8),), (np.zeros((B, G, 64), u16),),
+        "int8x64_matvec": (x, (np.zeros((B, G, 16, 64, 2), np.int8),), (np.zeros((B, G, 64), u16),),
                            (np.empty((T, B * 64), np.float32),)),  # one matrix: a tuple of one
         "int4x64_matvec": (x, (np.zeros((B, G, 16, 64), np.uint8),), (np.zeros((B, G, 64), u16),),
                            (np.zeros((B, G, 64), u16),), (np.empty((T, B * 64), np.float32),)),

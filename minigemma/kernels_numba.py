@@ -48,7 +48,10 @@ from pathlib import Path
 
 import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
 
 from . import layers as reference
 from .packed import ROWS, Int4x64, Int8x64
@@ -100,43 +103,188 @@ def _which(sizes, job):
     return m, b
 
 
+# int8 weights times float32 activations in integers. Widening every weight to float32 costs a conversion
+# per weight, and on CPUs with 256-bit vectors that, not memory, bounded the int8 product (issue 19: an AMD
+# EPYC Zen 3 and an Intel Xeon). So each group of 32 activations is split, exactly enough for float32, into
+# two 16-bit integers per element, and the weights are multiplied with them as 16-bit integers: x86's
+# `vpmaddwd` multiplies 16 pairs and adds each pair, one instruction for 8 rows x 2 inputs.
+#     x[j] ~ m * 2^-29 * (32768 h[j] + l[j]),   m = max |x| over the group,  h in [-2^14, 2^14],  l in [0, 2^15)
+# The split's error is at most m * 2^-30 per element: 2^-7 of float32's own rounding of the largest input.
+# The sums are exact in int32 (|q h| summed over 32 inputs < 2^26); one conversion to float per group and row.
+
+SPLIT = 2.0 ** 29  # m maps to this integer: 30 bits of the group's largest input, in a 15-bit top and bottom
+
+
+@njit(fastmath=FAST, cache=True)
+def split_activations(x, halves, tops):
+    """halves[t, g] = (h[0..31], l[0..31]) and tops[t, g] = m for x[t, 32g:32g+32], as above (float64 inside).
+
+    A group holding inf or NaN gets m = NaN and zero halves: its products come out NaN.
+    Shapes: x (T, in) float32, halves (T, G, 64) int16, tops (T, G) float32
+    """
+    for t in range(x.shape[0]):
+        for g in range(tops.shape[1]):
+            m, finite = 0.0, True
+            for j in range(GROUP):
+                value = np.float64(x[t, g * GROUP + j])
+                m = max(m, abs(value))
+                finite &= math.isfinite(value)
+            tops[t, g] = f32(m) if finite else f32(np.nan)
+            inverse = SPLIT / m if finite and m > 0 else 0.0
+            for j in range(GROUP):
+                whole = np.int32(np.rint(np.float64(x[t, g * GROUP + j]) * inverse))  # |whole| <= 2^29
+                top = whole >> 15
+                halves[t, g, j] = top
+                halves[t, g, GROUP + j] = whole - (top << 15)
+
+
+def pair_sums(q, at, halves, x_at, unit, d, d_at, acc, c):
+    """acc[c + r] += ((32768 * H[r] + L[r]) * d[d_at + r]) * unit for the 8 rows r < 8 (float32, in this order;
+    d holds fp16 bit patterns),
+    where H[r] = sum_{p,k} q[at + 128p + 2r + k] * halves[x_at + 2p + k] and L[r] the same with
+    halves[x_at + 32 + 2p + k]: the int32 dot products of 8 rows of one group (Int8x64: 16 pairs of inputs,
+    each 64 rows x 2; `at` points at the first of the 8 rows) with the group's tops h and bottoms l.
+    (NumPy; compiled, _pair_sums_ir: the same numbers.)
+
+    Shapes: q int8, halves int16 and d uint16, contiguous, read flat from `at`, `x_at`, `d_at`; acc (64,) float32"""
+    starts = at + 2 * ROWS * np.arange(GROUP // 2)  # pair p of row 0
+    w = q.reshape(-1)[starts[:, None] + np.arange(16)].reshape(GROUP // 2, 8, 2).astype(np.int32)  # (p, r, k)
+    xs = halves.reshape(-1)[x_at:x_at + 2 * GROUP].astype(np.int32).reshape(2, GROUP // 2, 2)  # (h/l, p, k)
+    top, bottom = (np.einsum("prk,pk->r", w, xs[i]).astype(f32) for i in (0, 1))  # exact: |sums| < 2^27
+    scale = d.reshape(-1)[d_at:d_at + 8].view(np.float16).astype(f32)
+    acc[c:c + 8] += (f32(32768) * top + bottom) * scale * f32(unit)
+
+
+_V8, _V16 = ir.VectorType(ir.IntType(32), 8), ir.VectorType(ir.IntType(32), 16)
+_F8 = ir.VectorType(ir.FloatType(), 8)
+_I32 = ir.IntType(32)
+
+
+def _element_pointer(context, builder, array_type, array, offset, to):
+    """A pointer to element `offset` of a contiguous array, cast to `to`*."""
+    data = cgutils.create_struct_proxy(array_type)(context, builder, value=array).data
+    return builder.bitcast(builder.gep(data, [offset]), to.as_pointer())
+
+
+def prefetch(a, i):
+    """A hint, no result: start bringing the cache line of a.flat[i] in from memory (NumPy: nothing to do).
+
+    The matrix-vector kernels read their weights once, front to back; asking for the bytes a few KB ahead
+    keeps more of memory's requests in flight than the CPU's own prefetchers did on the AMD EPYC Zen 3 (the
+    int8 LM head streamed 16-19 GB/s without it, 24-26 with it, float32 27-30). An address past the end of
+    `a` is harmless: a prefetch never faults."""
+
+
+@intrinsic
+def _prefetch_ir(typingctx, a, i):
+    sig = types.void(a, types.int64)
+
+    def codegen(context, builder, signature, args):
+        data = cgutils.create_struct_proxy(signature.args[0])(context, builder, value=args[0]).data
+        address = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
+        hint = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+            ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32]), "llvm.prefetch.p0")
+        builder.call(hint, [address, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])  # read, keep
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@overload(prefetch, inline="always")
+def _prefetch_compiled(a, i):
+    if isinstance(a, types.Array) and a.layout == "C":
+        return lambda a, i: _prefetch_ir(a, i)
+    return None
+
+
+AHEAD = 4096  # bytes of weights ahead of the ones read that prefetch asks for (4, 8, 16 KB: the same on Zen 3)
+
+
+@intrinsic
+def _pair_sums_ir(typingctx, q, at, halves, x_at, unit, d, d_at, acc, c):
+    """pair_sums written as LLVM vector code (Numba's own loops do not become `vpmaddwd`; docs/kernels.md).
+
+    Per pair p: 16 bytes of q (8 rows x 2 inputs) sign-extended, times the pair (h[2p], h[2p+1]) broadcast,
+    the products of neighbours added (`mul`, then even + odd lanes: the shape LLVM's x86 backend turns into
+    one `vpmaddwd`, and which other CPUs compute as written); the same for l with the same 16 weights. Then
+    one conversion to float32 per 8 sums and 8 scales (fp16: `vcvtph2ps`), and acc's 8 rows updated, the float
+    operations in the twin's order (inside a kernel compiled with FAST, LLVM may fuse a multiply and an add)."""
+    sig = types.void(q, types.int64, halves, types.int64, types.float32, d, types.int64, acc, types.int64)
+
+    def codegen(context, builder, signature, args):
+        q, at, halves, x_at, unit, d, d_at, acc, c = args
+        q_ty, _, halves_ty, _, _, d_ty, _, acc_ty, _ = signature.args
+        weights = _element_pointer(context, builder, q_ty, q, at, ir.VectorType(ir.IntType(8), 16))
+        pairs = _element_pointer(context, builder, halves_ty, halves, x_at, _I32)  # (h, h') as one 32-bit word
+        even, odd = ir.Constant(_V8, list(range(0, 16, 2))), ir.Constant(_V8, list(range(1, 16, 2)))
+        total = [ir.Constant(_V8, [0] * 8)] * 2
+        for p in range(GROUP // 2):
+            w = builder.sext(builder.load(builder.gep(weights, [ir.Constant(_I32, 8 * p)]), align=1), _V16)
+            for which in (0, 1):  # h, then l
+                word = builder.load(builder.gep(pairs, [ir.Constant(_I32, which * GROUP // 2 + p)]))
+                lanes = builder.insert_element(ir.Constant(_V8, ir.Undefined), word, ir.Constant(_I32, 0))
+                lanes = builder.shuffle_vector(lanes, lanes, ir.Constant(_V8, [0] * 8))  # in all 8 lanes
+                x = builder.sext(builder.bitcast(lanes, ir.VectorType(ir.IntType(16), 16)), _V16)
+                products = builder.mul(w, x)
+                neighbours = builder.add(builder.shuffle_vector(products, products, even),
+                                         builder.shuffle_vector(products, products, odd))
+                total[which] = builder.add(total[which], neighbours)
+        top, bottom = (builder.sitofp(t, _F8) for t in total)
+        term = builder.fadd(builder.fmul(ir.Constant(_F8, [32768.0] * 8), top), bottom)
+        half8 = ir.VectorType(ir.HalfType(), 8)
+        scales = builder.fpext(builder.load(_element_pointer(context, builder, d_ty, d, d_at, half8), align=2), _F8)
+        units = builder.insert_element(ir.Constant(_F8, ir.Undefined), unit, ir.Constant(_I32, 0))
+        units = builder.shuffle_vector(units, units, ir.Constant(_V8, [0] * 8))
+        term = builder.fmul(builder.fmul(term, scales), units)
+        rows = _element_pointer(context, builder, acc_ty, acc, c, _F8)
+        builder.store(builder.fadd(builder.load(rows, align=4), term), rows, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@overload(pair_sums, inline="always")
+def _pair_sums_compiled(q, at, halves, x_at, unit, d, d_at, acc, c):
+    if all(isinstance(a, types.Array) and a.layout == "C" for a in (q, halves, d, acc)) \
+            and (q.dtype, halves.dtype, d.dtype, acc.dtype) == (types.int8, types.int16, types.uint16, types.float32):
+        return lambda q, at, halves, x_at, unit, d, d_at, acc, c: _pair_sums_ir(q, at, halves, x_at, unit, d, d_at,
+                                                                                 acc, c)
+    return None
+
+
 @njit(parallel=True, fastmath=FAST, cache=True)
 def int8x64_matvec(x, qs, ds, outs):
     """outs[m][t, 64b + r] = sum_g d[b, g, r] * sum_j q[b, g, j, r] * x[t, 32g + j],  (q, d) = (qs[m], ds[m])
 
     (Int8x64 @ x, for each matrix m of a tuple: the products of one input with q, k and v, or with gate and up,
     in one parallel loop over all their blocks; one matrix is a tuple of one.)
-    The innermost loop runs across the 64 rows of a block: 64 independent float32 sums that the compiler
-    keeps in vector registers, one 64-byte cache line of weights per input element. Each thread takes whole
-    blocks; a block (in * 64 bytes) stays in cache while it serves every token of x.
+    The activations are split into 16-bit halves once (split_activations); then per block of 64 rows, group
+    of 32 inputs and 8 rows, pair_sums gives the int32 sums against the tops and the bottoms, and
+        sum_j q x ~ m * 2^-29 * (32768 * sum_j q h + sum_j q l)
+    in float32, times the rows' scales. Each thread takes whole blocks; a block (in * 64 bytes) stays in cache
+    while it serves every token of x.
 
-    Four inputs per pass over the rows: the 64 partial sums live in an array, so every pass loads and stores
-    them (4 zmm or 8 ymm registers); with one input per pass those loads and stores were as many instructions
-    as the multiply-adds (docs/kernels.md, "What LLVM makes of the kernels, per CPU").
-
-    Shapes: x (T, in), qs[m] (B_m, G, 32, 64) int8, ds[m] (B_m, G, 64) uint16 (fp16 bits), outs[m] (T, B_m*64)
+    Shapes: x (T, in), qs[m] (B_m, G, 16, 64, 2) int8 (q[b, g, j, r] above is qs[m][b, g, j // 2, r, j % 2]),
+            ds[m] (B_m, G, 64) uint16 (fp16 bits), outs[m] (T, B_m*64)
     """
     sizes = np.array([q.shape[0] for q in qs])
-    G = qs[0].shape[1]
+    T, G = x.shape[0], qs[0].shape[1]
+    halves = np.empty((T, G, 2 * GROUP), np.int16)
+    tops = np.empty((T, G), f32)
+    split_activations(x, halves, tops)
     for job in prange(sizes.sum()):
         m, b = _which(sizes, job)
         q, d, out = qs[m], ds[m], outs[m]
         acc = np.empty(ROWS, f32)
-        part = np.empty(ROWS, f32)
-        scale = np.empty(ROWS, f32)
-        for t in range(x.shape[0]):
+        for t in range(T):
             acc[:] = 0
             for g in range(G):
-                part[:] = 0
-                for j in range(0, GROUP, 4):
-                    i = g * GROUP + j
-                    x0, x1, x2, x3 = x[t, i], x[t, i + 1], x[t, i + 2], x[t, i + 3]
-                    for r in range(ROWS):
-                        part[r] += (x0 * f32(q[b, g, j, r]) + x1 * f32(q[b, g, j + 1, r])
-                                    + x2 * f32(q[b, g, j + 2, r]) + x3 * f32(q[b, g, j + 3, r]))
-                fp16_to_f32(d[b, g], scale)
-                for r in range(ROWS):
-                    acc[r] += scale[r] * part[r]
+                unit = tops[t, g] * f32(1 / SPLIT)
+                at = (b * G + g) * GROUP * ROWS  # q[b, g], 2048 bytes
+                for c in range(0, ROWS, 8):  # 8 rows at a time: 2 x 8 int32 sums, in vector registers
+                    for line in range(4):  # the 2048 bytes AHEAD of this group's, 256 per pass
+                        prefetch(q, at + AHEAD + 32 * c + 64 * line)
+                    pair_sums(q, at + 2 * c, halves, (t * G + g) * 2 * GROUP, unit, d, (b * G + g) * ROWS + c, acc, c)
             out[t, b * ROWS:(b + 1) * ROWS] = acc
 
 
@@ -171,6 +319,7 @@ def int4x64_matvec(x, nibble_s, ds, ms, outs):
                 part[:] = 0
                 xsum = f32(0)
                 for j in range(half):  # one byte per pass: unrolled, this one ran slower (docs/kernels.md)
+                    prefetch(nibbles, ((b * G + g) * half + j) * ROWS + AHEAD)  # 64 bytes a pass
                     x_lo, x_hi = x[t, g * GROUP + j], x[t, g * GROUP + j + half]
                     xsum += x_lo + x_hi
                     x_hi_minus = x_hi - f32(16) * x_lo
@@ -285,7 +434,8 @@ def int8x64_tile(q, d, b0, out):
     Transposed (in, rows) because that is the packed order already (64 rows side by side) and it is the
     right operand BLAS wants for x @ tile.
 
-    Shapes: q (B, G, 32, 64) int8, d (B, G, 64) uint16, out (in, nb*64) float32 (nb blocks from b0)
+    Shapes: q (B, G, 16, 64, 2) int8 (pairs of inputs: element 2p + k at [b, g, p, r, k]), d (B, G, 64) uint16,
+            out (in, nb*64) float32 (nb blocks from b0)
     """
     G = q.shape[1]
     for n in range(out.shape[1] // ROWS):
@@ -293,9 +443,10 @@ def int8x64_tile(q, d, b0, out):
         scale = np.empty(ROWS, f32)
         for g in range(G):
             fp16_to_f32(d[b, g], scale)
-            for j in range(GROUP):
-                for r in range(ROWS):
-                    out[g * GROUP + j, n * ROWS + r] = scale[r] * f32(q[b, g, j, r])
+            for p in range(GROUP // 2):
+                for k in range(2):
+                    for r in range(ROWS):
+                        out[g * GROUP + 2 * p + k, n * ROWS + r] = scale[r] * f32(q[b, g, p, r, k])
 
 
 @njit(cache=True)

@@ -25,17 +25,22 @@ from .weights import GROUP, Int4, Int8
 # (kernels_numba.py). Same bytes per weight as the unpacked form: the scales stay fp16, only reordered.
 # Rows are padded with zeros up to a multiple of 64 (never needed for Gemma's shapes); `shape` is the
 # logical one.
+# Int8x64 also keeps each row's inputs in pairs: element 2p and 2p + 1 of a row are adjacent bytes, and one
+# 16-byte load holds 8 rows x 2 inputs, what a 16-bit multiply-add of pairs (x86's vpmaddwd) takes
+# (kernels_numba.pair_sums).
 
 ROWS = 64  # output rows interleaved in one block of the packed layouts
 
 
-def _interleave(a: np.ndarray, blocks: int) -> np.ndarray:
+def _interleave(a: np.ndarray, blocks: int, pairs: bool = False) -> np.ndarray:
     """(out, G, ...) -> (blocks, G, ..., 64): row 64b + r goes to [b, ..., r]. Rows past `out` are zeros.
+    With `pairs`, (out, G, 32) -> (blocks, G, 16, 64, 2): element 2p + k of a row goes to [b, g, p, r, k].
 
     Copies a few blocks at a time into the preallocated result, so packing a Q8_0 view of a memory-mapped
     file never makes a second full-size temporary."""
     rest = a.shape[1:]
-    packed = np.zeros((blocks,) + rest + (ROWS,), a.dtype)
+    layout = rest[:-1] + (GROUP // 2, ROWS, 2) if pairs else rest + (ROWS,)
+    packed = np.zeros((blocks,) + layout, a.dtype)
     step = 256  # blocks per copy: 16k rows
     for b0 in range(0, blocks, step):
         b1 = min(b0 + step, blocks)
@@ -44,7 +49,8 @@ def _interleave(a: np.ndarray, blocks: int) -> np.ndarray:
         if len(part) < full:
             part = np.concatenate([part, np.zeros((full - len(part),) + rest, a.dtype)])
         part = part.reshape((b1 - b0, ROWS) + rest)  # (nb, 64, G, ...)
-        packed[b0:b1] = np.moveaxis(part, 1, -1)  # (nb, 64, G, ...) -> (nb, G, ..., 64)
+        part = np.moveaxis(part, 1, -1)  # (nb, 64, G, ...) -> (nb, G, ..., 64)
+        packed[b0:b1] = _paired(part) if pairs else part
         release_pages(a[b0 * ROWS:b1 * ROWS])  # read once: a view of a mapped file need not stay in memory
     return packed
 
@@ -72,6 +78,16 @@ def release_pages(view: np.ndarray) -> None:
         root.base.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
+def _paired(a: np.ndarray) -> np.ndarray:
+    """(..., 32, 64) -> (..., 16, 64, 2): [..., 2p + k, r] goes to [..., p, r, k] (a view)."""
+    return np.swapaxes(a.reshape(a.shape[:-2] + (GROUP // 2, 2, ROWS)), -1, -2)
+
+
+def _unpaired(a: np.ndarray) -> np.ndarray:
+    """The inverse of _paired (a copy): (..., 16, 64, 2) -> (..., 32, 64)."""
+    return np.swapaxes(a, -1, -2).reshape(a.shape[:-3] + (GROUP, ROWS))
+
+
 def _deinterleave(a: np.ndarray, start: int, stop: int) -> np.ndarray:
     """The inverse of _interleave for rows start..stop-1: (blocks, G, ..., 64) -> (stop - start, G, ...)."""
     b0, b1 = start // ROWS, -(-stop // ROWS)
@@ -82,9 +98,10 @@ def _deinterleave(a: np.ndarray, start: int, stop: int) -> np.ndarray:
 
 @dataclass
 class Int8x64:
-    """Int8 with 64 rows interleaved: q[b, g, j, r] is element 32g + j of row 64b + r, scaled by d[b, g, r]."""
+    """Int8 with 64 rows interleaved and inputs in pairs: q[b, g, p, r, k] is element 32g + 2p + k of row 64b + r,
+    scaled by d[b, g, r]."""
 
-    q: np.ndarray  # (out/64, in/32, 32, 64) int8
+    q: np.ndarray  # (out/64, in/32, 16, 64, 2) int8
     d: np.ndarray  # (out/64, in/32, 64) float16
     out_rows: int  # logical number of rows (the last block may be zero padding)
 
@@ -98,19 +115,22 @@ class Int8x64:
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Shapes: -> (stop - start, in) float32"""
-        return Int8(_deinterleave(self.q, start, stop), _deinterleave(self.d, start, stop)).rows(0, stop - start)
+        b0, b1 = start // ROWS, -(-stop // ROWS)  # only the blocks asked for are unpaired (copied)
+        start, stop = start - b0 * ROWS, stop - b0 * ROWS
+        q, d = _unpaired(self.q[b0:b1]), self.d[b0:b1]
+        return Int8(_deinterleave(q, start, stop), _deinterleave(d, start, stop)).rows(0, stop - start)
 
     def take(self, ids: np.ndarray) -> np.ndarray:
         """Rows `ids` (any order) as float32, for the embedding lookup. Shapes: (T,) -> (T, in)"""
         ids = np.asarray(ids)
-        q = self.q[ids // ROWS, :, :, ids % ROWS].astype(np.float32)  # (T, G, 32)
+        q = self.q[ids // ROWS, :, :, ids % ROWS, :].reshape(len(ids), -1, GROUP).astype(np.float32)  # (T, G, 32)
         q *= self.d[ids // ROWS, :, ids % ROWS][..., None].astype(np.float32)
         return q.reshape(len(ids), -1)
 
     @classmethod
     def pack(cls, w: Int8) -> "Int8x64":
         blocks = -(-w.shape[0] // ROWS)
-        return cls(_interleave(w.q, blocks), _interleave(w.d, blocks), w.shape[0])
+        return cls(_interleave(w.q, blocks, pairs=True), _interleave(w.d, blocks), w.shape[0])
 
 
 @dataclass

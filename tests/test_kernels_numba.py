@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -181,6 +182,68 @@ def test_packed_layouts_hold_the_same_matrix():
         ids = np.array([129, 0, 64, 64])
         assert np.array_equal(packed.take(ids), plain.rows(0, 130)[ids])
         assert packed.nbytes == plain.nbytes * 192 // 130  # 130 rows padded to 192
+
+
+@numba.njit(cache=False)
+def pair_sums_compiled(q, at, halves, x_at, unit, d, d_at, acc, c):
+    kernels_numba.prefetch(q, q.size + 4096)
+    kernels_numba.pair_sums(q, at, halves, x_at, unit, d, d_at, acc, c)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), row=st.sampled_from([0, 8, 56]), extreme=st.booleans())
+def test_pair_sums_compiled_equals_its_numpy_twin(seed, row, extreme):
+    """The int8 kernel's vector code (_pair_sums_ir, what `pair_sums` compiles to) gives the same float32 bits as
+    its NumPy twin: the integer sums are exact, then the same float operations in the same order. With
+    `extreme`, the largest magnitudes the kernel can meet (q = -128 and 127, h = +-2^14, l = 2^15 - 1): the int32
+    sums must not overflow. The prefetch beside it, asked for bytes past the end of q, must not fault."""
+    rng = np.random.default_rng(seed)
+    G = 3
+    q = rng.integers(-128, 128, (2, G, 16, 64, 2)).astype(np.int8)
+    halves = np.concatenate([rng.integers(-2**14, 2**14 + 1, (G, 32)), rng.integers(0, 2**15, (G, 32))], axis=1)
+    if extreme:
+        q[...] = rng.choice(np.array([-128, 127], np.int8), q.shape)
+        halves[:, :32], halves[:, 32:] = 2**14 * rng.choice([-1, 1], (G, 32)), 2**15 - 1
+    halves = halves.astype(np.int16)
+    d = rng.standard_normal((2, G, 64)).astype(np.float16).view(np.uint16)
+    unit = np.float32(rng.standard_normal())
+    for b, g in ((0, 0), (1, G - 1)):
+        args = (q, (b * G + g) * 2048 + 2 * row, halves, g * 64, unit, d, (b * G + g) * 64 + row)
+        before = rng.standard_normal(64).astype(np.float32)
+        ours, twin = before.copy(), before.copy()
+        pair_sums_compiled(*args, ours, row)
+        kernels_numba.pair_sums(*args, twin, row)
+        exact = (q[b, g, :, row:row + 8, :].astype(np.int64) * halves[g].astype(np.int64).reshape(2, 16, 1, 2)).sum(
+            axis=(1, 3))  # (2, 8): tops, bottoms
+        expected = (32768.0 * exact[0] + exact[1]) * d[b, g, row:row + 8].view(np.float16) * unit
+        assert np.array_equal(ours, twin)
+        assert np.allclose(twin[row:row + 8] - before[row:row + 8], expected, rtol=1e-5)  # float32 rounding
+        assert np.array_equal(np.delete(twin, np.s_[row:row + 8]), np.delete(before, np.s_[row:row + 8]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), spread=st.sampled_from([0.0, 1.0, 8.0]), zeros=st.booleans())
+def test_split_activations_hold_each_input_to_2_to_the_minus_30(seed, spread, zeros):
+    """x ~ m 2^-29 (32768 h + l) per group of 32, h in [-2^14, 2^14], l in [0, 2^15): the error is at most
+    m 2^-30 (m = the group's largest |x|); inputs spread over many magnitudes, an all-zero group, and a group
+    holding inf or NaN (its m is NaN, so its products are NaN, as a float product would be)."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((3, 96)) * np.exp(spread * rng.standard_normal((3, 96)))).astype(np.float32)
+    if zeros:
+        x[1, 32:64] = 0
+    x[2, 70] = rng.choice([np.inf, -np.inf, np.nan])
+    halves, tops = np.empty((3, 3, 64), np.int16), np.empty((3, 3), np.float32)
+    kernels_numba.split_activations(x, halves, tops)
+    h, l = halves[..., :32].astype(np.float64), halves[..., 32:].astype(np.float64)
+    assert np.all(np.abs(h) <= 2**14) and np.all((l >= 0) & (l < 2**15))
+    m = np.abs(x.reshape(3, 3, 32).astype(np.float64)).max(-1)
+    assert np.isnan(tops[2, 2]) and np.all(halves[2, 2] == 0)
+    m[2, 2], tops[2, 2] = 0, 0
+    assert np.array_equal(tops, m.astype(np.float32))
+    back = tops[..., None].astype(np.float64) * 2.0**-29 * (32768 * h + l)
+    error = np.abs(back - x.reshape(3, 3, 32))
+    error[2, 2] = 0
+    assert np.all(error <= m[..., None] * 2.0**-30 * (1 + 1e-12))
 
 
 def test_fp16_bit_trick_is_exact():
