@@ -5,8 +5,8 @@ makes the Backend value from the functions here. This module imports the referen
 back on it), never the dispatcher. Only these get a twin:
 
     linear(x, w)        one-token products (decode): a matrix-vector kernel per weight type (float32,
-                        bfloat16/float16, and int8/int4 in the packed layouts of weights.py, Int8x64 and
-                        Int4x64), reading each weight once
+                        bfloat16/float16, and int8/int4 in the packed layouts of packed.py, Int8x64 and
+                        Int4x64), reading each weight once (int8: products in 16-bit integers)
                         many-token products (prefill): weights dequantized a cache-sized tile at a time
                         into float32, then BLAS sgemm (x @ tile): a hand-written GEMM rarely beats BLAS
     linears(x, *ws)     q, k, v (or gate, up) of a decode step: one matrix-vector kernel call over all of them
@@ -27,14 +27,16 @@ makes OpenBLAS's worker stop spinning soon after its work (docs/kernels.md, "Thr
 Rules the kernels follow (docs/kernels.md):
   * each has a header with the math and the shapes, like the NumPy twin it mirrors;
   * `prange` only over independent outputs (blocks of rows, heads); no exceptions or globals inside;
-  * arithmetic is float32 (one exception: rms_norm_rows sums its squares in float64); integers from the
-    weights are widened one element at a time;
+  * arithmetic is float32 (exceptions: rms_norm_rows sums its squares in float64; int8 decode multiplies
+    16-bit integer halves of the activations, exact in int32, then goes on in float32: split_activations);
+  * no LLVM code written by hand except where Numba's loops cannot reach an instruction: `pair_sums`
+    (`vpmaddwd`) and `prefetch`, each a NumPy function that a compiled kernel gets as LLVM IR (@overload);
   * fastmath is limited to reassociation and contraction (FMA): sums may be reordered (float32 summation
     order tolerance), but -inf, NaN and division keep their meaning (the attention mask relies on -inf);
   * `cache=True`: compiled once, stored in __pycache__, reloaded by later processes.
 
-NUMBA_DISABLE_JIT=1 turns every kernel back into plain Python over NumPy arrays: slow, but a debugger can step
-through it line by line (docs/kernels.md).
+NUMBA_DISABLE_JIT=1 turns every kernel back into plain Python over NumPy arrays (pair_sums and prefetch into
+their NumPy versions): slow, but a debugger can step through it line by line (docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -197,7 +199,8 @@ def _prefetch_compiled(a, i):
     return None
 
 
-AHEAD = 4096  # bytes of weights ahead of the ones read that prefetch asks for (4, 8, 16 KB: the same on Zen 3)
+AHEAD = 4096  # bytes of weights ahead of the ones read that prefetch asks for (4, 8, 16 KB: the same on Zen 3).
+# Only the int8 kernel asks: the int4 kernel, bound by its arithmetic on the Zen 3, ran no faster with it.
 
 
 @intrinsic
@@ -319,7 +322,6 @@ def int4x64_matvec(x, nibble_s, ds, ms, outs):
                 part[:] = 0
                 xsum = f32(0)
                 for j in range(half):  # one byte per pass: unrolled, this one ran slower (docs/kernels.md)
-                    prefetch(nibbles, ((b * G + g) * half + j) * ROWS + AHEAD)  # 64 bytes a pass
                     x_lo, x_hi = x[t, g * GROUP + j], x[t, g * GROUP + j + half]
                     xsum += x_lo + x_hi
                     x_hi_minus = x_hi - f32(16) * x_lo

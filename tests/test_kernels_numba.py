@@ -417,8 +417,10 @@ def test_tiny_models_same_on_both_backends(model_type, kind):
     assert text == ref_text
 
 
-def test_numba_kernels_run_as_plain_python():
-    """NUMBA_DISABLE_JIT=1 (to step through a kernel in a debugger) runs the same code as Python."""
+@pytest.mark.parametrize("kind", ["int8x64", "int4x64"])
+def test_numba_kernels_run_as_plain_python(kind):
+    """NUMBA_DISABLE_JIT=1 (to step through a kernel in a debugger) runs the same code as Python: the int8
+    kernel with the NumPy versions of pair_sums and prefetch in place of their LLVM code."""
     script = r"""
 import json, sys
 import numpy as np
@@ -427,7 +429,7 @@ from test_kernels_numba import tiny_config, stored_as, random_params
 from minigemma import kernels
 from minigemma.model import Gemma
 config = tiny_config("gemma2")
-model = Gemma(config, stored_as(random_params(config, np.random.default_rng(5)), "int4x64"),
+model = Gemma(config, stored_as(random_params(config, np.random.default_rng(5)), sys.argv[2]),
               backend=kernels.get("numba"))
 cache = model.new_cache()
 out = [model.step([1, 2, 3], cache, last_only=False), model.step([4], cache)]
@@ -435,13 +437,13 @@ print(json.dumps(np.concatenate(out).tolist()))
 """
     env = {**os.environ, "NUMBA_DISABLE_JIT": "1", "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent)], env=env,
+    done = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent), kind], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     python_logits = np.array(json.loads(done.stdout))
 
     config = tiny_config("gemma2")
-    model = Gemma(config, stored_as(random_params(config, np.random.default_rng(5)), "int4x64"))  # NumPy
+    model = Gemma(config, stored_as(random_params(config, np.random.default_rng(5)), kind))  # NumPy
     cache = model.new_cache()
     ref = np.concatenate([model.step([1, 2, 3], cache, last_only=False), model.step([4], cache)])
     assert rel_err(python_logits, ref) < 1e-5  # measured ~2e-7
