@@ -111,8 +111,9 @@ def _which(sizes, job):
 # two 16-bit integers per element, and the weights are multiplied with them as 16-bit integers: x86's
 # `vpmaddwd` multiplies 16 pairs and adds each pair, one instruction for 8 rows x 2 inputs.
 #     x[j] ~ m * 2^-29 * (32768 h[j] + l[j]),   m = max |x| over the group,  h in [-2^14, 2^14],  l in [0, 2^15)
-# The split's error is at most m * 2^-30 per element: 2^-7 of float32's own rounding of the largest input.
-# The sums are exact in int32 (|q h| summed over 32 inputs < 2^26); one conversion to float per group and row.
+# The split's error is at most m * 2^-30 per element (and two float64 roundings): about 2^-6 of float32's own
+# rounding of the largest input. The sums are exact in int32 (|sum q h| <= 2^26, |sum q l| < 2^27); one
+# conversion to float per group and row.
 
 SPLIT = 2.0 ** 29  # m maps to this integer: 30 bits of the group's largest input, in a 15-bit top and bottom
 
@@ -132,7 +133,10 @@ def split_activations(x, halves, tops):
                 m = max(m, abs(value))
                 finite &= math.isfinite(value)
             tops[t, g] = f32(m) if finite else f32(np.nan)
-            inverse = SPLIT / m if finite and m > 0 else 0.0
+            if not finite or m == 0:
+                halves[t, g, :] = 0
+                continue
+            inverse = SPLIT / m
             for j in range(GROUP):
                 whole = np.int32(np.rint(np.float64(x[t, g * GROUP + j]) * inverse))  # |whole| <= 2^29
                 top = whole >> 15
@@ -140,9 +144,9 @@ def split_activations(x, halves, tops):
                 halves[t, g, GROUP + j] = whole - (top << 15)
 
 
-def pair_sums(q, at, halves, x_at, unit, d, d_at, acc, c):
-    """acc[c + r] += ((32768 * H[r] + L[r]) * d[d_at + r]) * unit for the 8 rows r < 8 (float32, in this order;
-    d holds fp16 bit patterns),
+def pair_sums(q, at, halves, x_at, m, d, d_at, acc, c):
+    """acc[c + r] += (((32768 * H[r] + L[r]) * 2^-29) * d[d_at + r]) * m for the 8 rows r < 8 (float32, in this
+    order; d holds fp16 bit patterns, m is the group's largest |x|),
     where H[r] = sum_{p,k} q[at + 128p + 2r + k] * halves[x_at + 2p + k] and L[r] the same with
     halves[x_at + 32 + 2p + k]: the int32 dot products of 8 rows of one group (Int8x64: 16 pairs of inputs,
     each 64 rows x 2; `at` points at the first of the 8 rows) with the group's tops h and bottoms l.
@@ -154,7 +158,7 @@ def pair_sums(q, at, halves, x_at, unit, d, d_at, acc, c):
     xs = halves.reshape(-1)[x_at:x_at + 2 * GROUP].astype(np.int32).reshape(2, GROUP // 2, 2)  # (h/l, p, k)
     top, bottom = (np.einsum("prk,pk->r", w, xs[i]).astype(f32) for i in (0, 1))  # exact: |sums| < 2^27
     scale = d.reshape(-1)[d_at:d_at + 8].view(np.float16).astype(f32)
-    acc[c:c + 8] += (f32(32768) * top + bottom) * scale * f32(unit)
+    acc[c:c + 8] += (f32(32768) * top + bottom) * f32(1 / SPLIT) * scale * f32(m)
 
 
 _V8, _V16 = ir.VectorType(ir.IntType(32), 8), ir.VectorType(ir.IntType(32), 16)
@@ -204,25 +208,28 @@ AHEAD = 4096  # bytes of weights ahead of the ones read that prefetch asks for (
 
 
 @intrinsic
-def _pair_sums_ir(typingctx, q, at, halves, x_at, unit, d, d_at, acc, c):
+def _pair_sums_ir(typingctx, q, at, halves, x_at, m, d, d_at, acc, c):
     """pair_sums written as LLVM vector code (Numba's own loops do not become `vpmaddwd`; docs/kernels.md).
 
     Per pair p: 16 bytes of q (8 rows x 2 inputs) sign-extended, times the pair (h[2p], h[2p+1]) broadcast,
     the products of neighbours added (`mul`, then even + odd lanes: the shape LLVM's x86 backend turns into
     one `vpmaddwd`, and which other CPUs compute as written); the same for l with the same 16 weights. Then
-    one conversion to float32 per 8 sums and 8 scales (fp16: `vcvtph2ps`), and acc's 8 rows updated, the float
-    operations in the twin's order (inside a kernel compiled with FAST, LLVM may fuse a multiply and an add)."""
+    one conversion to float32 per 8 sums, the 8 scales widened from fp16 by fp16_to_f32's bit trick (LLVM's
+    own `fpext` from half needs F16C on x86, or a library call the JIT does not have), and acc's 8 rows
+    updated: the float operations in the twin's order (inside a kernel compiled with FAST, LLVM may fuse a
+    multiply and an add, so there the bits may differ from the twin's)."""
     sig = types.void(q, types.int64, halves, types.int64, types.float32, d, types.int64, acc, types.int64)
 
     def codegen(context, builder, signature, args):
-        q, at, halves, x_at, unit, d, d_at, acc, c = args
+        q, at, halves, x_at, m, d, d_at, acc, c = args
         q_ty, _, halves_ty, _, _, d_ty, _, acc_ty, _ = signature.args
         weights = _element_pointer(context, builder, q_ty, q, at, ir.VectorType(ir.IntType(8), 16))
         pairs = _element_pointer(context, builder, halves_ty, halves, x_at, _I32)  # (h, h') as one 32-bit word
         even, odd = ir.Constant(_V8, list(range(0, 16, 2))), ir.Constant(_V8, list(range(1, 16, 2)))
         total = [ir.Constant(_V8, [0] * 8)] * 2
         for p in range(GROUP // 2):
-            w = builder.sext(builder.load(builder.gep(weights, [ir.Constant(_I32, 8 * p)]), align=1), _V16)
+            pair_p = ir.Constant(_I32, p * 2 * ROWS // 16)  # 128p bytes on: pair p of the first row, in 16s
+            w = builder.sext(builder.load(builder.gep(weights, [pair_p]), align=1), _V16)
             for which in (0, 1):  # h, then l
                 word = builder.load(builder.gep(pairs, [ir.Constant(_I32, which * GROUP // 2 + p)]))
                 lanes = builder.insert_element(ir.Constant(_V8, ir.Undefined), word, ir.Constant(_I32, 0))
@@ -234,11 +241,16 @@ def _pair_sums_ir(typingctx, q, at, halves, x_at, unit, d, d_at, acc, c):
                 total[which] = builder.add(total[which], neighbours)
         top, bottom = (builder.sitofp(t, _F8) for t in total)
         term = builder.fadd(builder.fmul(ir.Constant(_F8, [32768.0] * 8), top), bottom)
-        half8 = ir.VectorType(ir.HalfType(), 8)
-        scales = builder.fpext(builder.load(_element_pointer(context, builder, d_ty, d, d_at, half8), align=2), _F8)
-        units = builder.insert_element(ir.Constant(_F8, ir.Undefined), unit, ir.Constant(_I32, 0))
-        units = builder.shuffle_vector(units, units, ir.Constant(_V8, [0] * 8))
-        term = builder.fmul(builder.fmul(term, scales), units)
+        term = builder.fmul(term, ir.Constant(_F8, [1 / SPLIT] * 8))
+        bits = builder.zext(builder.load(_element_pointer(context, builder, d_ty, d, d_at, ir.VectorType(
+            ir.IntType(16), 8)), align=2), _V8)  # fp16 -> float32 as fp16_to_f32: exponent and mantissa moved up,
+        magnitude = builder.shl(builder.and_(bits, ir.Constant(_V8, [0x7FFF] * 8)), ir.Constant(_V8, [13] * 8))
+        magnitude = builder.fmul(builder.bitcast(magnitude, _F8), ir.Constant(_F8, [2.0 ** 112] * 8))  # rebiased,
+        sign = builder.shl(builder.and_(bits, ir.Constant(_V8, [0x8000] * 8)), ir.Constant(_V8, [16] * 8))
+        scales = builder.bitcast(builder.or_(builder.bitcast(magnitude, _V8), sign), _F8)  # then the sign
+        ms = builder.insert_element(ir.Constant(_F8, ir.Undefined), m, ir.Constant(_I32, 0))
+        ms = builder.shuffle_vector(ms, ms, ir.Constant(_V8, [0] * 8))
+        term = builder.fmul(builder.fmul(term, scales), ms)
         rows = _element_pointer(context, builder, acc_ty, acc, c, _F8)
         builder.store(builder.fadd(builder.load(rows, align=4), term), rows, align=4)
         return context.get_dummy_value()
@@ -247,11 +259,10 @@ def _pair_sums_ir(typingctx, q, at, halves, x_at, unit, d, d_at, acc, c):
 
 
 @overload(pair_sums, inline="always")
-def _pair_sums_compiled(q, at, halves, x_at, unit, d, d_at, acc, c):
+def _pair_sums_compiled(q, at, halves, x_at, m, d, d_at, acc, c):
     if all(isinstance(a, types.Array) and a.layout == "C" for a in (q, halves, d, acc)) \
             and (q.dtype, halves.dtype, d.dtype, acc.dtype) == (types.int8, types.int16, types.uint16, types.float32):
-        return lambda q, at, halves, x_at, unit, d, d_at, acc, c: _pair_sums_ir(q, at, halves, x_at, unit, d, d_at,
-                                                                                 acc, c)
+        return lambda q, at, halves, x_at, m, d, d_at, acc, c: _pair_sums_ir(q, at, halves, x_at, m, d, d_at, acc, c)
     return None
 
 
@@ -282,12 +293,12 @@ def int8x64_matvec(x, qs, ds, outs):
         for t in range(T):
             acc[:] = 0
             for g in range(G):
-                unit = tops[t, g] * f32(1 / SPLIT)
                 at = (b * G + g) * GROUP * ROWS  # q[b, g], 2048 bytes
                 for c in range(0, ROWS, 8):  # 8 rows at a time: 2 x 8 int32 sums, in vector registers
                     for line in range(4):  # the 2048 bytes AHEAD of this group's, 256 per pass
                         prefetch(q, at + AHEAD + 32 * c + 64 * line)
-                    pair_sums(q, at + 2 * c, halves, (t * G + g) * 2 * GROUP, unit, d, (b * G + g) * ROWS + c, acc, c)
+                    pair_sums(q, at + 2 * c, halves, (t * G + g) * 2 * GROUP, tops[t, g], d, (b * G + g) * ROWS + c,
+                              acc, c)
             out[t, b * ROWS:(b + 1) * ROWS] = acc
 
 

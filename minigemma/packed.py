@@ -20,9 +20,10 @@ from .weights import GROUP, Int4, Int8
 # A matrix-vector product over Int8 walks one row at a time: per group, 32 products summed into one number.
 # That horizontal sum is what a CPU does worst; the obvious Numba loop reads int8 weights at ~4 GB/s. The
 # packed layouts below store 64 output rows side by side ("interleaved"): for group g and element j, the 64
-# weights of rows 64b..64b+63 are 64 consecutive bytes. The kernel's innermost loop then runs across those
-# 64 rows with one input value broadcast: 64 independent sums, no horizontal sum, one cache line per step
-# (kernels_numba.py). Same bytes per weight as the unpacked form: the scales stay fp16, only reordered.
+# weights of rows 64b..64b+63 are 64 consecutive bytes (Int4x64; Int8x64 in pairs, below). The int4 kernel's
+# innermost loop then runs across those 64 rows with one input value broadcast: 64 independent sums, no
+# horizontal sum, one cache line per step; the int8 kernel's takes 8 rows x 2 inputs per load (kernels_numba.py).
+# Same bytes per weight as the unpacked form: the scales stay fp16, only reordered.
 # Rows are padded with zeros up to a multiple of 64 (never needed for Gemma's shapes); `shape` is the
 # logical one.
 # Int8x64 also keeps each row's inputs in pairs: element 2p and 2p + 1 of a row are adjacent bytes, and one
