@@ -224,6 +224,29 @@ def test_pair_sums_compiled_equals_its_numpy_twin(seed, row, extreme, m):
         assert np.array_equal(np.delete(twin, np.s_[row:row + 8]), np.delete(before, np.s_[row:row + 8]))
 
 
+@numba.njit(cache=False)
+def widen_pair_compiled(q, at, scale, out, at0, at1):
+    kernels_numba.widen_pair(q, at, scale, out, at0, at1)
+
+
+def test_widen_pair_compiled_equals_its_numpy_twin():
+    """The prefill tiles' vector code for the paired int8 layout (_widen_pair_ir) writes the same float32 bits
+    as its NumPy twin, into the two rows asked for and nowhere else; and both are the byte times the scale."""
+    rng = np.random.default_rng(7)
+    q = rng.integers(-128, 128, (2, 3, 16, 64, 2)).astype(np.int8)
+    q.reshape(-1)[:4] = [-128, 127, 0, -1]
+    scale = rng.standard_normal(64).astype(np.float32)
+    for b, g, p in ((0, 0, 0), (1, 2, 15), (1, 0, 7)):
+        at = ((b * 3 + g) * 16 + p) * 128
+        ours, twin = (np.full((40, 70), np.nan, np.float32) for _ in range(2))
+        widen_pair_compiled(q, at, scale, ours, 5 * 70 + 3, 9 * 70 + 6)
+        kernels_numba.widen_pair(q, at, scale, twin, 5 * 70 + 3, 9 * 70 + 6)
+        assert np.array_equal(ours, twin, equal_nan=True)
+        assert np.array_equal(twin[5, 3:67], scale * q[b, g, p, :, 0])
+        assert np.array_equal(twin[9, 6:70], scale * q[b, g, p, :, 1])
+        assert np.isnan(np.delete(twin, [5, 9], axis=0)).all() and np.isnan(twin[5, :3]).all()
+
+
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**16), spread=st.sampled_from([0.0, 1.0, 8.0]), zeros=st.booleans())
 def test_split_activations_hold_each_input_to_2_to_the_minus_30(seed, spread, zeros):
