@@ -41,18 +41,6 @@ from minigemma.weights import Int8
 
 I32, F32 = ir.IntType(32), ir.FloatType()
 V16I32, V16F32, V16F16 = ir.VectorType(I32, 16), ir.VectorType(F32, 16), ir.VectorType(ir.HalfType(), 16)
-LANES0 = ir.Constant(V16I32, [0] * 16)  # a shuffle mask that broadcasts lane 0
-
-
-def _element_ptr(context, builder, arrty, arr, offset, to):
-    """A pointer to element `offset` of a contiguous array, cast to `to`*."""
-    data = cgutils.create_struct_proxy(arrty)(context, builder, value=arr).data
-    return builder.bitcast(builder.gep(data, [offset]), to.as_pointer())
-
-
-def _broadcast(builder, value, vector_type):
-    lane0 = builder.insert_element(ir.Constant(vector_type, ir.Undefined), value, ir.Constant(I32, 0))
-    return builder.shuffle_vector(lane0, ir.Constant(vector_type, ir.Undefined), LANES0)
 
 
 @intrinsic
@@ -67,16 +55,17 @@ def group16(typingctx, w, w_at, xq, x_at, d, d_at, x_scale, x_sum128, out, out_a
         w_ty, _, x_ty, _, d_ty, _, _, _, out_ty, _ = signature.args
         vpdpbusd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(V16I32, [V16I32] * 3),
                                                   "llvm.x86.avx512.vpdpbusd.512")
-        w_ptr = _element_ptr(context, builder, w_ty, w, w_at, V16I32)
-        x_ptr = _element_ptr(context, builder, x_ty, xq, x_at, I32)  # 4 int8 activations per 32-bit word
-        acc = _broadcast(builder, builder.neg(x_sum128), V16I32)
+        w_ptr = K._element_pointer(context, builder, w_ty, w, w_at, V16I32)
+        x_ptr = K._element_pointer(context, builder, x_ty, xq, x_at, I32)  # 4 int8 activations per 32-bit word
+        acc = K._broadcast(builder, builder.neg(x_sum128), V16I32)
         for s in range(8):
             weights = builder.load(builder.gep(w_ptr, [ir.Constant(I32, s)]), align=1)
-            four = _broadcast(builder, builder.load(builder.gep(x_ptr, [ir.Constant(I32, s)]), align=1), V16I32)
+            four = K._broadcast(builder, builder.load(builder.gep(x_ptr, [ir.Constant(I32, s)]), align=1), V16I32)
             acc = builder.call(vpdpbusd, [acc, weights, four])
-        scales = builder.fpext(builder.load(_element_ptr(context, builder, d_ty, d, d_at, V16F16), align=1), V16F32)
-        term = builder.fmul(builder.fmul(builder.sitofp(acc, V16F32), scales), _broadcast(builder, x_scale, V16F32))
-        out_ptr = _element_ptr(context, builder, out_ty, out, out_at, V16F32)
+        scales = builder.fpext(builder.load(K._element_pointer(context, builder, d_ty, d, d_at, V16F16), align=1),
+                               V16F32)
+        term = builder.fmul(builder.fmul(builder.sitofp(acc, V16F32), scales), K._broadcast(builder, x_scale, V16F32))
+        out_ptr = K._element_pointer(context, builder, out_ty, out, out_at, V16F32)
         builder.store(builder.fadd(builder.load(out_ptr, align=1), term), out_ptr, align=1)
         return context.get_dummy_value()
 
