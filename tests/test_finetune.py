@@ -91,9 +91,12 @@ def _peft_steps(work, steps, batch_size, lr, weight_decay, max_grad_norm, optimi
 
 
 def test_five_adamw_steps_match_peft_and_torch(work, tmp_path, capsys):
-    """lr 1e-3: AdamW divides each gradient by its own running magnitude, so where a gradient is as small as
-    float32's summation noise that noise decides the step; the adapter then differs by up to lr times a few
-    such coordinates. At 1e-3 the worst tensor differs by ~2e-6 relative (measured), at 1e-2 by up to 1.2e-4."""
+    """AdamW divides each gradient by its own running magnitude, so where a gradient is as small as float32's
+    summation noise, that noise decides the coordinate's step (up to lr), and which coordinates those are
+    depends on the CPU's BLAS: one CI machine had one coordinate 0.014 lr apart, 1.1e-4 of its tensor's largest
+    entry. So the bulk of each tensor is held tight and every coordinate to less than one step (lr) apart.
+    A wrong rule moves them all: no bias correction makes the first step 3.2 lr, no weight decay leaves every
+    coordinate lr * 0.1 * 5 * |w| (~5e-5 at w ~ 0.1) apart."""
     code = _run("finetune", work / "train.jsonl", "--out", tmp_path / "out", "--model", work / "base",
                 "--init-adapter", work / "init", "--steps", 5, "--batch-size", 2, "--lr", 1e-3, "--schedule",
                 "constant", "--weight-decay", 0.1, "--max-grad-norm", 0.5, "--backend", "numpy", "--stats")
@@ -106,7 +109,9 @@ def test_five_adamw_steps_match_peft_and_torch(work, tmp_path, capsys):
     init = _adapter(work / "init")
     for name in ours:
         assert not np.array_equal(ours[name], init[name])  # every tensor moved
-        assert rel_err(ours[name], theirs[name]) < 1e-4, name
+        diff, scale = np.abs(ours[name] - theirs[name]), np.max(np.abs(theirs[name]))
+        assert np.mean(diff < 1e-5 * scale) >= 0.99, name  # all but 1% of the coordinates (the noise-led ones)
+        assert np.max(diff) < 1e-3, name  # and those less than one step (lr) apart
 
     # the adapter trained here, loaded by peft on transformers, gives minigemma's logits
     theirs_loaded = peft.PeftModel.from_pretrained(load_hf_float32(work / "base"), tmp_path / "out").eval()
