@@ -96,22 +96,23 @@ def test_five_adamw_steps_match_peft_and_torch(work, tmp_path, capsys):
     depends on the CPU's BLAS: one CI machine had one coordinate 0.014 lr apart, 1.1e-4 of its tensor's largest
     entry. So the bulk of each tensor is held tight and every coordinate to less than one step (lr) apart.
     A wrong rule moves them all: no bias correction makes the first step 3.2 lr, no weight decay leaves every
-    coordinate lr * 0.1 * 5 * |w| (~5e-5 at w ~ 0.1) apart."""
+    coordinate lr * 0.1 * 5 * |w| (~5e-5 at w ~ 0.1) apart: then 1-6% of a tensor's coordinates agreed (measured)."""
+    lr = 1e-3
     code = _run("finetune", work / "train.jsonl", "--out", tmp_path / "out", "--model", work / "base",
-                "--init-adapter", work / "init", "--steps", 5, "--batch-size", 2, "--lr", 1e-3, "--schedule",
+                "--init-adapter", work / "init", "--steps", 5, "--batch-size", 2, "--lr", lr, "--schedule",
                 "constant", "--weight-decay", 0.1, "--max-grad-norm", 0.5, "--backend", "numpy", "--stats")
     assert code == 0
     stats = json.loads(capsys.readouterr().err.strip().splitlines()[-1])  # --stats: the last line of stderr
     assert stats["steps"] == 5 and stats["train_tokens"] > stats["scored_tokens"] > 0 and stats["tokens_per_s"] > 0
     ours = _adapter(tmp_path / "out")
-    theirs_model, theirs, _ = _peft_steps(work, 5, 2, 1e-3, 0.1, 0.5)
+    theirs_model, theirs, _ = _peft_steps(work, 5, 2, lr, 0.1, 0.5)
     assert sorted(ours) == sorted(theirs)
     init = _adapter(work / "init")
     for name in ours:
         assert not np.array_equal(ours[name], init[name])  # every tensor moved
         diff, scale = np.abs(ours[name] - theirs[name]), np.max(np.abs(theirs[name]))
-        assert np.mean(diff < 1e-5 * scale) >= 0.99, name  # all but 1% of the coordinates (the noise-led ones)
-        assert np.max(diff) < 1e-3, name  # and those less than one step (lr) apart
+        assert np.mean(diff < 1e-5 * scale) >= 0.98, name  # all but 2% of the coordinates (the noise-led ones)
+        assert np.max(diff) < lr, name  # and those less than one step apart
 
     # the adapter trained here, loaded by peft on transformers, gives minigemma's logits
     theirs_loaded = peft.PeftModel.from_pretrained(load_hf_float32(work / "base"), tmp_path / "out").eval()
