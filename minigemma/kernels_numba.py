@@ -180,6 +180,16 @@ def _broadcast(builder, value, vector_type):
     return builder.shuffle_vector(lane0, lane0, everywhere)
 
 
+def _fp16_bits_to_f32(builder, bits):
+    """8 fp16 bit patterns (<8 x i16>) as <8 x float>, fp16_to_f32's bit trick in IR: exponent and mantissa moved
+    up, rebiased by a multiply by 2^112, then the sign (LLVM's own `fpext` from half needs F16C on x86)."""
+    bits = builder.zext(bits, _V8)
+    magnitude = builder.shl(builder.and_(bits, ir.Constant(_V8, [0x7FFF] * 8)), ir.Constant(_V8, [13] * 8))
+    magnitude = builder.fmul(builder.bitcast(magnitude, _F8), ir.Constant(_F8, [2.0 ** 112] * 8))
+    sign = builder.shl(builder.and_(bits, ir.Constant(_V8, [0x8000] * 8)), ir.Constant(_V8, [16] * 8))
+    return builder.bitcast(builder.or_(builder.bitcast(magnitude, _V8), sign), _F8)
+
+
 def prefetch(a, i):
     """A hint, no result: start bringing the cache line of a.flat[i] in from memory (NumPy: nothing to do).
 
@@ -249,12 +259,8 @@ def _pair_sums_ir(typingctx, q, at, halves, x_at, m, d, d_at, acc, c):
         top, bottom = (builder.sitofp(t, _F8) for t in total)
         term = builder.fadd(builder.fmul(ir.Constant(_F8, [32768.0] * 8), top), bottom)
         term = builder.fmul(term, ir.Constant(_F8, [1 / SPLIT] * 8))
-        bits = builder.zext(builder.load(_element_pointer(context, builder, d_ty, d, d_at, ir.VectorType(
-            ir.IntType(16), 8)), align=2), _V8)  # fp16 -> float32 as fp16_to_f32: exponent and mantissa moved up,
-        magnitude = builder.shl(builder.and_(bits, ir.Constant(_V8, [0x7FFF] * 8)), ir.Constant(_V8, [13] * 8))
-        magnitude = builder.fmul(builder.bitcast(magnitude, _F8), ir.Constant(_F8, [2.0 ** 112] * 8))  # rebiased,
-        sign = builder.shl(builder.and_(bits, ir.Constant(_V8, [0x8000] * 8)), ir.Constant(_V8, [16] * 8))
-        scales = builder.bitcast(builder.or_(builder.bitcast(magnitude, _V8), sign), _F8)  # then the sign
+        scales = _fp16_bits_to_f32(builder, builder.load(_element_pointer(context, builder, d_ty, d, d_at,
+                                                                          ir.VectorType(ir.IntType(16), 8)), align=2))
         term = builder.fmul(builder.fmul(term, scales), _broadcast(builder, m, _F8))
         rows = _element_pointer(context, builder, acc_ty, acc, c, _F8)
         builder.store(builder.fadd(builder.load(rows, align=4), term), rows, align=4)
@@ -307,47 +313,111 @@ def int8x64_matvec(x, qs, ds, outs):
             out[t, b * ROWS:(b + 1) * ROWS] = acc
 
 
+def nibble_sums(nibbles, at, xs, x_at, d, mins, d_at, xsum, acc, c):
+    """acc[c + r] += d[d_at + r] * S[r] + mins[d_at + r] * xsum for the 8 rows r < 8 (float32; d and mins hold fp16
+    bit patterns), where S[r] is the row's group sum over its 16 bytes b_j (Int4x64: byte j of rows c..c+7 at
+    nibbles[at + 64 j], low nibble input j, high nibble input j + 16), split as int4x64_matvec explains:
+        S = sum_j xs[x_at + j] * b_j + xs[x_at + 16 + j] * floor(b_j / 16)
+    in four partial sums, (j even: the two terms apart, j odd: the same), added as (s0 + s1) + (s2 + s3).
+    (NumPy; compiled, _nibble_sums_ir: the same numbers.)
+
+    Shapes: nibbles uint8, xs float32, d and mins uint16, contiguous, read flat; acc (64,) float32"""
+    b = nibbles.reshape(-1)[at + ROWS * np.arange(GROUP // 2)[:, None] + np.arange(8)].astype(f32)  # (16, 8)
+    high = np.floor(b * f32(0.0625))
+    x = xs.reshape(-1)[x_at:x_at + GROUP]
+    sums = np.zeros((4, 8), f32)
+    for j in range(GROUP // 2):
+        k = 2 * (j % 2)
+        sums[k] = sums[k] + x[j] * b[j]
+        sums[k + 1] = sums[k + 1] + x[GROUP // 2 + j] * high[j]
+    total = (sums[0] + sums[1]) + (sums[2] + sums[3])
+    scale, low = (a.reshape(-1)[d_at:d_at + 8].view(np.float16).astype(f32) for a in (d, mins))
+    acc[c:c + 8] += scale * total + low * f32(xsum)
+
+
+@intrinsic
+def _nibble_sums_ir(typingctx, nibbles, at, xs, x_at, d, mins, d_at, xsum, acc, c):
+    """nibble_sums as LLVM vector code: the four partial sums stay in registers across the group's 16 bytes.
+    As a Numba loop over a `part` array they went to memory and back on every byte (a store and a reload
+    between one byte's multiply-adds and the next), and the kernel ran 1.08-1.31x slower (AMD EPYC Zen 3)."""
+    sig = types.void(nibbles, types.int64, xs, types.int64, d, mins, types.int64, types.float32, acc, types.int64)
+
+    def codegen(context, builder, signature, args):
+        nibbles, at, xs, x_at, d, mins, d_at, xsum, acc, c = args
+        nibbles_ty, _, xs_ty, _, d_ty, mins_ty, _, _, acc_ty, _ = signature.args
+        rows = _element_pointer(context, builder, nibbles_ty, nibbles, at, ir.VectorType(ir.IntType(8), 8))
+        x = _element_pointer(context, builder, xs_ty, xs, x_at, ir.FloatType())
+        floor = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F8, [_F8]), "llvm.floor.v8f32")
+        sums = [ir.Constant(_F8, [0.0] * 8)] * 4
+        for j in range(GROUP // 2):
+            b = builder.uitofp(builder.load(builder.gep(rows, [ir.Constant(_I32, j * ROWS // 8)]), align=1), _F8)
+            high = builder.call(floor, [builder.fmul(b, ir.Constant(_F8, [0.0625] * 8))])
+            k = 2 * (j % 2)
+            for i, (w, x_j) in enumerate(((b, j), (high, GROUP // 2 + j))):
+                value = _broadcast(builder, builder.load(builder.gep(x, [ir.Constant(_I32, x_j)])), _F8)
+                sums[k + i] = builder.fadd(sums[k + i], builder.fmul(value, w))
+        total = builder.fadd(builder.fadd(sums[0], sums[1]), builder.fadd(sums[2], sums[3]))
+        scale, low = (_fp16_bits_to_f32(builder, builder.load(_element_pointer(
+            context, builder, ty, a, d_at, ir.VectorType(ir.IntType(16), 8)), align=2)) for ty, a in ((d_ty, d),
+                                                                                                    (mins_ty, mins)))
+        term = builder.fadd(builder.fmul(scale, total), builder.fmul(low, _broadcast(builder, xsum, _F8)))
+        out = _element_pointer(context, builder, acc_ty, acc, c, _F8)
+        builder.store(builder.fadd(builder.load(out, align=4), term), out, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@overload(nibble_sums, inline="always")
+def _nibble_sums_compiled(nibbles, at, xs, x_at, d, mins, d_at, xsum, acc, c):
+    if all(isinstance(a, types.Array) and a.layout == "C" for a in (nibbles, xs, d, mins, acc)) \
+            and (nibbles.dtype, xs.dtype, d.dtype, mins.dtype, acc.dtype) == (
+                types.uint8, types.float32, types.uint16, types.uint16, types.float32):
+        return lambda nibbles, at, xs, x_at, d, mins, d_at, xsum, acc, c: _nibble_sums_ir(
+            nibbles, at, xs, x_at, d, mins, d_at, xsum, acc, c)
+    return None
+
+
 @njit(parallel=True, fastmath=FAST, cache=True)
 def int4x64_matvec(x, nibble_s, ds, ms, outs):
     """outs[m][t, 64b + r] = sum_g d[b, g, r] * sum_j q[b, g, j, r] * x[t, 32g + j] + m[b, g, r] * sum_j x[t, 32g + j]
 
     (Int4x64 @ x, for each matrix of a tuple, as int8x64_matvec.) The minimum m of a group multiplies the sum
-    of its 32 inputs, computed once per token for all rows, so the inner loop is the int8 kernel's with two
-    nibbles per byte. The nibbles are split in float32, not with integer masks and shifts: Numba types
-    `byte & 15` as a 64-bit integer, and the generated code then widens bytes to 64 bits and converts 8 at a
-    time (vpmovzxbq, vcvtqq2ps). With the byte b as a float, hi = floor(b / 16) and lo = b - 16 hi, so
+    of its 32 inputs, computed once per token for all rows. The nibbles are split in float32, not with integer
+    masks and shifts: with the byte b as a float, hi = floor(b / 16) and lo = b - 16 hi, so
         x_lo * lo + x_hi * hi = x_lo * b + (x_hi - 16 x_lo) * hi
     which is one conversion, one multiply, one rounding and two fused multiply-adds per byte (two weights).
+    x_lo and x_hi - 16 x_lo are made once per token and group (xs); then per block of 64 rows, group and 8 rows,
+    nibble_sums adds the group's 16 bytes in registers. (In 16-bit integers, as the int8 kernel does, it was
+    no faster: docs/kernels.md.)
 
     Shapes: x (T, in), nibble_s[m] (B_m, G, 16, 64) uint8, ds[m], ms[m] (B_m, G, 64) uint16 (fp16 bits),
             outs[m] (T, B_m*64)
     """
     sizes = np.array([n.shape[0] for n in nibble_s])
-    G = nibble_s[0].shape[1]
+    T, G = x.shape[0], nibble_s[0].shape[1]
     half = GROUP // 2
+    xs = np.empty((T, G, GROUP), f32)  # x_lo (16), then x_hi - 16 x_lo (16)
+    xsums = np.empty((T, G), f32)
+    for t in range(T):
+        for g in range(G):
+            total = f32(0)
+            for j in range(half):
+                x_lo, x_hi = x[t, g * GROUP + j], x[t, g * GROUP + j + half]
+                xs[t, g, j] = x_lo
+                xs[t, g, half + j] = x_hi - f32(16) * x_lo
+                total += x_lo + x_hi
+            xsums[t, g] = total
     for job in prange(sizes.sum()):
         which, b = _which(sizes, job)
         nibbles, d, m, out = nibble_s[which], ds[which], ms[which], outs[which]
         acc = np.empty(ROWS, f32)
-        part = np.empty(ROWS, f32)
-        scale = np.empty(ROWS, f32)
-        low = np.empty(ROWS, f32)
-        for t in range(x.shape[0]):
+        for t in range(T):
             acc[:] = 0
             for g in range(G):
-                part[:] = 0
-                xsum = f32(0)
-                for j in range(half):  # one byte per pass: unrolled, this one ran slower (docs/kernels.md)
-                    x_lo, x_hi = x[t, g * GROUP + j], x[t, g * GROUP + j + half]
-                    xsum += x_lo + x_hi
-                    x_hi_minus = x_hi - f32(16) * x_lo
-                    for r in range(ROWS):
-                        byte = f32(nibbles[b, g, j, r])
-                        part[r] += x_lo * byte + x_hi_minus * np.floor(byte * f32(0.0625))
-                fp16_to_f32(d[b, g], scale)
-                fp16_to_f32(m[b, g], low)
-                for r in range(ROWS):
-                    acc[r] += scale[r] * part[r] + low[r] * xsum
+                for c in range(0, ROWS, 8):
+                    nibble_sums(nibbles, (b * G + g) * half * ROWS + c, xs, (t * G + g) * GROUP, d, m,
+                                (b * G + g) * ROWS + c, xsums[t, g], acc, c)
             out[t, b * ROWS:(b + 1) * ROWS] = acc
 
 

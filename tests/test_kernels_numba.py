@@ -225,6 +225,44 @@ def test_pair_sums_compiled_equals_its_numpy_twin(seed, row, extreme, m):
 
 
 @numba.njit(cache=False)
+def nibble_sums_compiled(nibbles, at, xs, x_at, d, mins, d_at, xsum, acc, c):
+    kernels_numba.nibble_sums(nibbles, at, xs, x_at, d, mins, d_at, xsum, acc, c)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), row=st.sampled_from([0, 8, 56]), extreme=st.booleans())
+def test_nibble_sums_compiled_equals_its_numpy_twin(seed, row, extreme):
+    """The int4 kernel's vector code (_nibble_sums_ir; here without fastmath, which inside the kernel may fuse a
+    multiply and an add) gives the same float32 bits as its NumPy twin: the same float operations in the same
+    order. With `extreme`, bytes 0 and 255 only (nibbles 0 and 15). Against float64, the group's products
+    d * sum_j q x + m * sum_j x within float32 rounding."""
+    rng = np.random.default_rng(seed)
+    G = 3
+    nibbles = rng.integers(0, 256, (2, G, 16, 64)).astype(np.uint8)
+    if extreme:
+        nibbles[...] = rng.choice(np.array([0, 255], np.uint8), nibbles.shape)
+    x = rng.standard_normal((G, 32)).astype(np.float32)
+    xs = np.concatenate([x[:, :16], x[:, 16:] - np.float32(16) * x[:, :16]], axis=1)  # as int4x64_matvec makes it
+    d = (rng.random((2, G, 64)) * 0.01).astype(np.float16).view(np.uint16)
+    mins = (-rng.random((2, G, 64)) * 0.08).astype(np.float16).view(np.uint16)
+    for b, g in ((0, 0), (1, G - 1)):
+        xsum = np.float32(x[g].sum(dtype=np.float32))
+        args = (nibbles, (b * G + g) * 1024 + row, xs, g * 32, d, mins, (b * G + g) * 64 + row, xsum)
+        rows = slice(row, row + 8)
+        q = np.concatenate([nibbles[b, g, :, rows] & 15, nibbles[b, g, :, rows] >> 4]).astype(np.float64)  # (32, 8)
+        scale, low = (a[b, g, rows].view(np.float16).astype(np.float64) for a in (d, mins))
+        expected = scale * (x[g].astype(np.float64) @ q) + low * x[g].astype(np.float64).sum()
+        before = rng.standard_normal(64).astype(np.float32) * np.float32(1e-3)
+        ours, twin = before.copy(), before.copy()
+        nibble_sums_compiled(*args, ours, row)
+        kernels_numba.nibble_sums(*args, twin, row)
+        assert np.array_equal(ours, twin)
+        magnitude = scale * (np.abs(x[g]).astype(np.float64) @ q) + np.abs(low) * np.abs(x[g]).sum()
+        assert np.all(np.abs((twin[rows] - before[rows]) - expected) <= 64 * 2.0**-24 * magnitude + 1e-9)
+        assert np.array_equal(np.delete(twin, np.s_[row:row + 8]), np.delete(before, np.s_[row:row + 8]))
+
+
+@numba.njit(cache=False)
 def widen_pair_compiled(q, at, scale, out, at0, at1):
     kernels_numba.widen_pair(q, at, scale, out, at0, at1)
 
@@ -446,7 +484,8 @@ def test_tiny_models_same_on_both_backends(model_type, kind):
 @pytest.mark.parametrize("kind", ["int8x64", "int4x64"])
 def test_numba_kernels_run_as_plain_python(kind):
     """NUMBA_DISABLE_JIT=1 (to step through a kernel in a debugger) runs the same code as Python: the int8
-    kernel with the NumPy versions of pair_sums and prefetch in place of their LLVM code."""
+    kernel with the NumPy versions of pair_sums and prefetch in place of their LLVM code, the int4 kernel with
+    nibble_sums'."""
     script = r"""
 import json, sys
 import numpy as np
