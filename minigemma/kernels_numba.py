@@ -318,7 +318,8 @@ def nibble_sums(nibbles, at, xs, x_at, d, mins, d_at, xsum, acc, c):
     bit patterns), where S[r] is the row's group sum over its 16 bytes b_j (Int4x64: byte j of rows c..c+7 at
     nibbles[at + 64 j], low nibble input j, high nibble input j + 16), split as int4x64_matvec explains:
         S = sum_j xs[x_at + j] * b_j + xs[x_at + 16 + j] * floor(b_j / 16)
-    in four partial sums, (j even: the two terms apart, j odd: the same), added as (s0 + s1) + (s2 + s3).
+    in four partial sums: s0 and s1 take the two terms of the even bytes, s2 and s3 those of the odd ones, added
+    as (s0 + s1) + (s2 + s3).
     (NumPy; compiled, _nibble_sums_ir: the same numbers.)
 
     Shapes: nibbles uint8, xs float32, d and mins uint16, contiguous, read flat; acc (64,) float32"""
@@ -339,7 +340,8 @@ def nibble_sums(nibbles, at, xs, x_at, d, mins, d_at, xsum, acc, c):
 def _nibble_sums_ir(typingctx, nibbles, at, xs, x_at, d, mins, d_at, xsum, acc, c):
     """nibble_sums as LLVM vector code: the four partial sums stay in registers across the group's 16 bytes.
     As a Numba loop over a `part` array they went to memory and back on every byte (a store and a reload
-    between one byte's multiply-adds and the next), and the kernel ran 1.08-1.31x slower (AMD EPYC Zen 3)."""
+    between one byte's multiply-adds and the next), and the kernel ran up to 1.23x slower (the LM head; 1.00-1.21x
+    on the layers' shapes; AMD EPYC Zen 3)."""
     sig = types.void(nibbles, types.int64, xs, types.int64, d, mins, types.int64, types.float32, acc, types.int64)
 
     def codegen(context, builder, signature, args):
@@ -384,7 +386,9 @@ def int4x64_matvec(x, nibble_s, ds, ms, outs):
 
     (Int4x64 @ x, for each matrix of a tuple, as int8x64_matvec.) The minimum m of a group multiplies the sum
     of its 32 inputs, computed once per token for all rows. The nibbles are split in float32, not with integer
-    masks and shifts: with the byte b as a float, hi = floor(b / 16) and lo = b - 16 hi, so
+    masks and shifts (in a Numba loop `byte & 15` is typed as a 64-bit integer, and bytes were widened to 64 bits;
+    a shift and a second conversion in nibble_sums' IR, in a prototype, ran 0.76-0.91x the earlier float loop on
+    the Zen 3): with the byte b as a float, hi = floor(b / 16) and lo = b - 16 hi, so
         x_lo * lo + x_hi * hi = x_lo * b + (x_hi - 16 x_lo) * hi
     which is one conversion, one multiply, one rounding and two fused multiply-adds per byte (two weights).
     x_lo and x_hi - 16 x_lo are made once per token and group (xs); then per block of 64 rows, group and 8 rows,
