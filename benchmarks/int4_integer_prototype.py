@@ -15,7 +15,7 @@ are stored in pairs, as Int8x64 stores its inputs: element j and j + 16 of a row
 stays a measurement for deciding.
 
 Measured on the AMD EPYC Zen 3 (znver3, AVX2; issue 19's eighth session, 2026-12-04): 0.94-1.07x the package's
-kernel (medians of 15 alternating rounds: the LM head 1.07x, 2,048 x 640, 640 x 2,048, 1,024 x 640 0.94-0.98x;
+kernel as it was before its sums went into registers (medians of 15 alternating rounds: the LM head 1.07x, 2,048 x 640, 640 x 2,048, 1,024 x 640 0.94-0.98x;
 1.04-1.09x in a first version with the matrix in a tuple, as the package's kernels take it). Per 256 weights
 it takes 104 vector integer operations against the int8 route's 80, so int4 stays compute-bound there, and the
 gain did not pay for a second layout. (Written first with the masks on 32-bit lanes, LLVM widened the nibbles
@@ -77,13 +77,9 @@ def nibble_sums(typingctx, q, at, halves, x_at, m, d, mins, d_at, xsum, acc, c):
         term = builder.fmul(builder.fadd(builder.fmul(ir.Constant(K._F8, [32768.0] * 8), top), bottom),
                             ir.Constant(K._F8, [1 / K.SPLIT] * 8))
 
-        def widened(array_ty, array):  # 8 fp16 bit patterns -> float32, fp16_to_f32's bit trick
-            bits = builder.zext(builder.load(K._element_pointer(context, builder, array_ty, array, d_at, ir.VectorType(
-                ir.IntType(16), 8)), align=2), K._V8)
-            magnitude = builder.shl(builder.and_(bits, ir.Constant(K._V8, [0x7FFF] * 8)), ir.Constant(K._V8, [13] * 8))
-            magnitude = builder.fmul(builder.bitcast(magnitude, K._F8), ir.Constant(K._F8, [2.0 ** 112] * 8))
-            sign = builder.shl(builder.and_(bits, ir.Constant(K._V8, [0x8000] * 8)), ir.Constant(K._V8, [16] * 8))
-            return builder.bitcast(builder.or_(builder.bitcast(magnitude, K._V8), sign), K._F8)
+        def widened(array_ty, array):  # 8 fp16 bit patterns -> float32 (the package's bit trick)
+            return K._fp16_bits_to_f32(builder, builder.load(K._element_pointer(
+                context, builder, array_ty, array, d_at, ir.VectorType(ir.IntType(16), 8)), align=2))
 
         term = builder.fmul(builder.fmul(term, widened(d_ty, d)), K._broadcast(builder, m, K._F8))
         term = builder.fadd(term, builder.fmul(widened(mins_ty, mins), K._broadcast(builder, xsum, K._F8)))
