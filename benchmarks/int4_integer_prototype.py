@@ -15,8 +15,9 @@ are stored in pairs, as Int8x64 stores its inputs: element j and j + 16 of a row
 stays a measurement for deciding.
 
 Measured on the AMD EPYC Zen 3 (znver3, AVX2; issue 19's eighth session, 2026-12-04): 0.94-1.07x the package's
-kernel as it was before its sums went into registers (medians of 15 alternating rounds: the LM head 1.07x, 2,048 x 640, 640 x 2,048, 1,024 x 640 0.94-0.98x;
-1.04-1.09x in a first version with the matrix in a tuple, as the package's kernels take it). Per 256 weights
+kernel as it was before its sums went into registers (medians of 15 alternating rounds: the LM head 1.07x;
+2,048 x 640, 640 x 2,048, 1,024 x 640 0.94-0.98x; 1.04-1.09x in a first version with the matrix in a tuple, as
+the package's kernels take it). Per 256 weights
 it takes 104 vector integer operations against the int8 route's 80, so int4 stays compute-bound there, and the
 gain did not pay for a second layout. (Written first with the masks on 32-bit lanes, LLVM widened the nibbles
 to 32 bits and packed them back to 16 for `vpmaddwd`: 0.8x. With AVX-512 VNNI, LLVM may fuse each `vpmaddwd`
