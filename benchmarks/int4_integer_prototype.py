@@ -78,12 +78,9 @@ def nibble_sums(typingctx, q, at, halves, x_at, m, d, mins, d_at, xsum, acc, c):
         term = builder.fmul(builder.fadd(builder.fmul(ir.Constant(K._F8, [32768.0] * 8), top), bottom),
                             ir.Constant(K._F8, [1 / K.SPLIT] * 8))
 
-        def widened(array_ty, array):  # 8 fp16 bit patterns -> float32 (the package's bit trick)
-            return K._fp16_bits_to_f32(builder, builder.load(K._element_pointer(
-                context, builder, array_ty, array, d_at, ir.VectorType(ir.IntType(16), 8)), align=2))
-
-        term = builder.fmul(builder.fmul(term, widened(d_ty, d)), K._broadcast(builder, m, K._F8))
-        term = builder.fadd(term, builder.fmul(widened(mins_ty, mins), K._broadcast(builder, xsum, K._F8)))
+        scale, low = K._fp16_rows(context, builder, d_ty, d, d_at), K._fp16_rows(context, builder, mins_ty, mins, d_at)
+        term = builder.fmul(builder.fmul(term, scale), K._broadcast(builder, m, K._F8))
+        term = builder.fadd(term, builder.fmul(low, K._broadcast(builder, xsum, K._F8)))
         rows = K._element_pointer(context, builder, acc_ty, acc, c, K._F8)
         builder.store(builder.fadd(builder.load(rows, align=4), term), rows, align=4)
         return context.get_dummy_value()

@@ -180,10 +180,12 @@ def _broadcast(builder, value, vector_type):
     return builder.shuffle_vector(lane0, lane0, everywhere)
 
 
-def _fp16_bits_to_f32(builder, bits):
-    """8 fp16 bit patterns (<8 x i16>) as <8 x float>, fp16_to_f32's bit trick in IR: exponent and mantissa moved
-    up, rebiased by a multiply by 2^112, then the sign (LLVM's own `fpext` from half needs F16C on x86)."""
-    bits = builder.zext(bits, _V8)
+def _fp16_rows(context, builder, array_type, array, at):
+    """8 fp16 bit patterns (uint16) from element `at` of `array`, as <8 x float>: fp16_to_f32's bit trick in IR,
+    exponent and mantissa moved up, rebiased by a multiply by 2^112, then the sign (LLVM's own `fpext` from half
+    needs F16C on x86, or a library function the JIT does not have)."""
+    eight = ir.VectorType(ir.IntType(16), 8)
+    bits = builder.zext(builder.load(_element_pointer(context, builder, array_type, array, at, eight), align=2), _V8)
     magnitude = builder.shl(builder.and_(bits, ir.Constant(_V8, [0x7FFF] * 8)), ir.Constant(_V8, [13] * 8))
     magnitude = builder.fmul(builder.bitcast(magnitude, _F8), ir.Constant(_F8, [2.0 ** 112] * 8))
     sign = builder.shl(builder.and_(bits, ir.Constant(_V8, [0x8000] * 8)), ir.Constant(_V8, [16] * 8))
@@ -259,8 +261,7 @@ def _pair_sums_ir(typingctx, q, at, halves, x_at, m, d, d_at, acc, c):
         top, bottom = (builder.sitofp(t, _F8) for t in total)
         term = builder.fadd(builder.fmul(ir.Constant(_F8, [32768.0] * 8), top), bottom)
         term = builder.fmul(term, ir.Constant(_F8, [1 / SPLIT] * 8))
-        scales = _fp16_bits_to_f32(builder, builder.load(_element_pointer(context, builder, d_ty, d, d_at,
-                                                                          ir.VectorType(ir.IntType(16), 8)), align=2))
+        scales = _fp16_rows(context, builder, d_ty, d, d_at)
         term = builder.fmul(builder.fmul(term, scales), _broadcast(builder, m, _F8))
         rows = _element_pointer(context, builder, acc_ty, acc, c, _F8)
         builder.store(builder.fadd(builder.load(rows, align=4), term), rows, align=4)
@@ -358,9 +359,7 @@ def _nibble_sums_ir(typingctx, nibbles, at, xs, x_at, d, mins, d_at, xsum, acc, 
             term = builder.fadd(builder.fmul(x_lo, b), builder.fmul(x_hi, high))
             sums[j % 4] = builder.fadd(sums[j % 4], term)
         total = builder.fadd(builder.fadd(sums[0], sums[1]), builder.fadd(sums[2], sums[3]))
-        scale, low = (_fp16_bits_to_f32(builder, builder.load(_element_pointer(
-            context, builder, ty, a, d_at, ir.VectorType(ir.IntType(16), 8)), align=2)) for ty, a in ((d_ty, d),
-                                                                                                    (mins_ty, mins)))
+        scale, low = _fp16_rows(context, builder, d_ty, d, d_at), _fp16_rows(context, builder, mins_ty, mins, d_at)
         term = builder.fadd(builder.fmul(scale, total), builder.fmul(low, _broadcast(builder, xsum, _F8)))
         out = _element_pointer(context, builder, acc_ty, acc, c, _F8)
         builder.store(builder.fadd(builder.load(out, align=4), term), out, align=4)
