@@ -287,31 +287,44 @@ def int8x64_matvec(x, qs, ds, outs):
     The activations are split into 16-bit halves once (split_activations); then per block of 64 rows, group
     of 32 inputs and 8 rows, pair_sums gives the int32 sums against the tops and the bottoms, and
         sum_j q x ~ m * 2^-29 * (32768 * sum_j q h + sum_j q l)
-    in float32, times the rows' scales. Each thread takes whole blocks; a block (in * 64 bytes) stays in cache
-    while it serves every token of x.
+    in float32, times the rows' scales (int8_block). Each thread takes whole blocks; a block (in * 64 bytes)
+    stays in cache while it serves every token of x.
 
     Shapes: x (T, in), qs[m] (B_m, G, 16, 64, 2) int8 (q[b, g, j, r] above is qs[m][b, g, j // 2, r, j % 2]),
             ds[m] (B_m, G, 64) uint16 (fp16 bits), outs[m] (T, B_m*64)
     """
     sizes = np.array([q.shape[0] for q in qs])
-    T, G = x.shape[0], qs[0].shape[1]
-    halves = np.empty((T, G, 2 * GROUP), np.int16)
-    tops = np.empty((T, G), f32)
-    split_activations(x, halves, tops)
+    halves, tops = int8_inputs(x, qs[0].shape[1])
     for job in prange(sizes.sum()):
         m, b = _which(sizes, job)
-        q, d, out = qs[m], ds[m], outs[m]
-        acc = np.empty(ROWS, f32)
-        for t in range(T):
-            acc[:] = 0
-            for g in range(G):
-                at = (b * G + g) * GROUP * ROWS  # q[b, g], 2048 bytes
-                for c in range(0, ROWS, 8):  # 8 rows at a time: 2 x 8 int32 sums, in vector registers
-                    for line in range(4):  # the 2048 bytes AHEAD of this group's, 256 per pass
-                        prefetch(q, at + AHEAD + 32 * c + 64 * line)
-                    pair_sums(q, at + 2 * c, halves, (t * G + g) * 2 * GROUP, tops[t, g], d, (b * G + g) * ROWS + c,
-                              acc, c)
-            out[t, b * ROWS:(b + 1) * ROWS] = acc
+        int8_block(halves, tops, qs[m], ds[m], b, outs[m])
+
+
+@njit(fastmath=FAST, cache=True)
+def int8_inputs(x, G):
+    """x as int8_block reads it: halves (T, G, 64) int16 and tops (T, G) float32 (split_activations)."""
+    halves = np.empty((x.shape[0], G, 2 * GROUP), np.int16)
+    tops = np.empty((x.shape[0], G), f32)
+    split_activations(x, halves, tops)
+    return halves, tops
+
+
+@njit(inline="always", fastmath=FAST, cache=True)
+def int8_block(halves, tops, q, d, b, out):
+    """out[t, 64b:64b+64] for every token t: block b of one Int8x64 matrix (q, d) times the split activations.
+    Shapes: as int8x64_matvec, for one matrix"""
+    T, G = tops.shape
+    acc = np.empty(ROWS, f32)
+    for t in range(T):
+        acc[:] = 0
+        for g in range(G):
+            at = (b * G + g) * GROUP * ROWS  # q[b, g], 2048 bytes
+            for c in range(0, ROWS, 8):  # 8 rows at a time: 2 x 8 int32 sums, in vector registers
+                for line in range(4):  # the 2048 bytes AHEAD of this group's, 256 per pass
+                    prefetch(q, at + AHEAD + 32 * c + 64 * line)
+                pair_sums(q, at + 2 * c, halves, (t * G + g) * 2 * GROUP, tops[t, g], d, (b * G + g) * ROWS + c,
+                          acc, c)
+        out[t, b * ROWS:(b + 1) * ROWS] = acc
 
 
 def nibble_sums(nibbles, at, xs, x_at, d, mins, d_at, xsum, acc, c):
@@ -389,17 +402,26 @@ def int4x64_matvec(x, nibble_s, ds, ms, outs):
     the Zen 3): with the byte b as a float, hi = floor(b / 16) and lo = b - 16 hi, so
         x_lo * lo + x_hi * hi = x_lo * b + (x_hi - 16 x_lo) * hi
     which is one conversion, one multiply, one rounding and two fused multiply-adds per byte (two weights).
-    x_lo and x_hi - 16 x_lo are made once per token and group (xs); then per block of 64 rows, group and 8 rows,
-    nibble_sums adds the group's 16 bytes in registers. (In 16-bit integers, as the int8 kernel does, it was
-    no faster: docs/kernels.md.)
+    x_lo and x_hi - 16 x_lo are made once per token and group (int4_inputs); then per block of 64 rows, group
+    and 8 rows, nibble_sums adds the group's 16 bytes in registers (int4_block). (In 16-bit integers, as the
+    int8 kernel does, it was no faster: docs/kernels.md.)
 
     Shapes: x (T, in), nibble_s[m] (B_m, G, 16, 64) uint8, ds[m], ms[m] (B_m, G, 64) uint16 (fp16 bits),
             outs[m] (T, B_m*64)
     """
     sizes = np.array([n.shape[0] for n in nibble_s])
-    T, G = x.shape[0], nibble_s[0].shape[1]
-    half = GROUP // 2
-    xs = np.empty((T, G, GROUP), f32)  # x_lo (16), then x_hi - 16 x_lo (16)
+    xs, xsums = int4_inputs(x, nibble_s[0].shape[1])
+    for job in prange(sizes.sum()):
+        which, b = _which(sizes, job)
+        int4_block(xs, xsums, nibble_s[which], ds[which], ms[which], b, outs[which])
+
+
+@njit(fastmath=FAST, cache=True)
+def int4_inputs(x, G):
+    """x as int4_block reads it: xs (T, G, 32) float32, per group x_lo (16) then x_hi - 16 x_lo (16), and the
+    group sums xsums (T, G)."""
+    T, half = x.shape[0], GROUP // 2
+    xs = np.empty((T, G, GROUP), f32)
     xsums = np.empty((T, G), f32)
     for t in range(T):
         for g in range(G):
@@ -410,17 +432,45 @@ def int4x64_matvec(x, nibble_s, ds, ms, outs):
                 xs[t, g, half + j] = x_hi - f32(16) * x_lo
                 total += x_lo + x_hi
             xsums[t, g] = total
-    for job in prange(sizes.sum()):
-        which, b = _which(sizes, job)
-        nibbles, d, m, out = nibble_s[which], ds[which], ms[which], outs[which]
-        acc = np.empty(ROWS, f32)
-        for t in range(T):
-            acc[:] = 0
-            for g in range(G):
-                for c in range(0, ROWS, 8):
-                    nibble_sums(nibbles, (b * G + g) * half * ROWS + c, xs, (t * G + g) * GROUP, d, m,
-                                (b * G + g) * ROWS + c, xsums[t, g], acc, c)
-            out[t, b * ROWS:(b + 1) * ROWS] = acc
+    return xs, xsums
+
+
+@njit(inline="always", fastmath=FAST, cache=True)
+def int4_block(xs, xsums, nibbles, d, m, b, out):
+    """out[t, 64b:64b+64] for every token t: block b of one Int4x64 matrix (nibbles, d, m) times the prepared
+    activations. Shapes: as int4x64_matvec, for one matrix"""
+    T, G = xsums.shape
+    acc = np.empty(ROWS, f32)
+    for t in range(T):
+        acc[:] = 0
+        for g in range(G):
+            for c in range(0, ROWS, 8):
+                nibble_sums(nibbles, (b * G + g) * (GROUP // 2) * ROWS + c, xs, (t * G + g) * GROUP, d, m,
+                            (b * G + g) * ROWS + c, xsums[t, g], acc, c)
+        out[t, b * ROWS:(b + 1) * ROWS] = acc
+
+
+@njit(parallel=True, fastmath=FAST, cache=True)
+def mixed_matvec(x, qs, ds, outs, nibble_s, ds4, ms, outs4):
+    """int8x64_matvec and int4x64_matvec in one parallel loop: the blocks of the int8 matrices (qs, ds -> outs),
+    then those of the int4 ones (nibble_s, ds4, ms -> outs4). int4 weights keep v_proj in int8 (the file's Q6_K),
+    so q, k and v are two kinds; a call of each kind's kernel was one parallel loop more per layer, and with
+    q and k in one and v in another, 10 us per layer more than all three in one loop (AMD EPYC Zen 3).
+
+    Shapes: as int8x64_matvec's and int4x64_matvec's"""
+    sizes8 = np.array([q.shape[0] for q in qs])
+    sizes4 = np.array([n.shape[0] for n in nibble_s])
+    halves, tops = int8_inputs(x, qs[0].shape[1])
+    xs, xsums = int4_inputs(x, nibble_s[0].shape[1])
+    n8 = sizes8.sum()
+    for job in prange(n8 + sizes4.sum()):
+        j = np.int64(job)  # signed, as in _which
+        if j < n8:
+            m, b = _which(sizes8, j)
+            int8_block(halves, tops, qs[m], ds[m], b, outs[m])
+        else:
+            m, b = _which(sizes4, j - n8)
+            int4_block(xs, xsums, nibble_s[m], ds4[m], ms[m], b, outs4[m])
 
 
 @njit(parallel=True, fastmath=FAST, cache=True)
@@ -841,29 +891,46 @@ def linear(x: np.ndarray, w) -> np.ndarray:
 
 
 def linears(x: np.ndarray, *ws) -> list:
-    """[x @ w.T for w in ws], as layers.linears: a decode step's products of one input with several int8 (or
-    int4) matrices, q, k and v or gate and up, in one kernel call, one parallel loop over all their blocks
-    (fewer loops, and the small k and v share one with q). Other cases: one `linear` each; None gives None.
+    """[x @ w.T for w in ws], as layers.linears: a decode step's products of one input with several int8 or int4
+    matrices, q, k and v or gate and up, in one kernel call, one parallel loop over all their blocks (fewer
+    loops, and the small k and v share one with q). Other cases: one `linear` each; None gives None.
 
     Shapes: (T, in), (out_i, in) each -> [(T, out_i)]"""
     x = np.ascontiguousarray(x, dtype=f32)
     given = [w for w in ws if w is not None]
-    if x.shape[0] <= PACKED_MATVEC_MAX_T and len(given) > 1 and len({type(w) for w in given}) == 1 \
-            and isinstance(given[0], (Int8x64, Int4x64)):
+    if x.shape[0] <= PACKED_MATVEC_MAX_T and len(given) > 1 and all(isinstance(w, (Int8x64, Int4x64)) for w in given):
         products = iter(_packed_matvecs(x, given))
         return [None if w is None else next(products) for w in ws]
     return [None if w is None else linear(x, w) for w in ws]
 
 
 def _packed_matvecs(x: np.ndarray, ws: list) -> list:
-    """x @ w.T for Int8x64 matrices, or for Int4x64 ones, through one matrix-vector kernel call. Shapes: as linears"""
-    outs = tuple(np.empty((x.shape[0], _width(w)), f32) for w in ws)
-    if isinstance(ws[0], Int8x64):
-        _run(int8x64_matvec, x, tuple(w.q for w in ws), tuple(_bits(w.d) for w in ws), outs)
+    """x @ w.T for Int8x64 and Int4x64 matrices through one matrix-vector kernel call: int8x64_matvec,
+    int4x64_matvec, or mixed_matvec for a mix of the two. Shapes: as linears"""
+    outs = [np.empty((x.shape[0], _width(w)), f32) for w in ws]
+    int8 = [isinstance(w, Int8x64) for w in ws]
+    if all(int8):
+        _run(int8x64_matvec, x, *_int8_args(ws, outs))
+    elif not any(int8):
+        _run(int4x64_matvec, x, *_int4_args(ws, outs))
     else:
-        _run(int4x64_matvec, x, tuple(w.nibbles for w in ws), tuple(_bits(w.d) for w in ws),
-             tuple(_bits(w.m) for w in ws), outs)
+        _run(mixed_matvec, x, *_int8_args(*_kind(ws, outs, int8, True)), *_int4_args(*_kind(ws, outs, int8, False)))
     return [_logical(out, w) for out, w in zip(outs, ws)]
+
+
+def _int8_args(ws: list, outs: list) -> tuple:
+    """int8x64_matvec's arguments after x, for these matrices and their outputs."""
+    return tuple(w.q for w in ws), tuple(_bits(w.d) for w in ws), tuple(outs)
+
+
+def _int4_args(ws: list, outs: list) -> tuple:
+    """int4x64_matvec's arguments after x, for these matrices and their outputs."""
+    return tuple(w.nibbles for w in ws), tuple(_bits(w.d) for w in ws), tuple(_bits(w.m) for w in ws), tuple(outs)
+
+
+def _kind(ws: list, outs: list, int8: list, want: bool) -> tuple:
+    """The matrices (and their outputs) that are int8 (want True) or int4 (False)."""
+    return [w for w, i in zip(ws, int8) if i == want], [o for o, i in zip(outs, int8) if i == want]
 
 
 def _width(w) -> int:
@@ -1091,8 +1158,8 @@ def prepare(w):
 
 # ---- compiling ------------------------------------------------------------------------------------------------
 
-KERNELS = (int8x64_matvec, int4x64_matvec, f16bits_matvec, f32_matvec, int8x64_tile, int4x64_tile, flash_attention,
-           decode_attention, merge_parts, rms_norm_rows, rope_rows)
+KERNELS = (int8x64_matvec, int4x64_matvec, mixed_matvec, f16bits_matvec, f32_matvec, int8x64_tile, int4x64_tile,
+           flash_attention, decode_attention, merge_parts, rms_norm_rows, rope_rows)
 _ready: set = set()  # kernels called at least once in this process
 
 

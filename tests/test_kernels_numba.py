@@ -78,9 +78,9 @@ def test_linear_equals_numpy(kind, out, groups, tokens, seed, small_tiles):
        tokens=st.sampled_from([1, 3, kernels_numba.PACKED_MATVEC_MAX_T, kernels_numba.PACKED_MATVEC_MAX_T + 1]),
        seed=st.integers(0, 2**16))
 def test_linears_equal_numpy(kinds, outs, groups, tokens, seed):
-    """Several matrices read by one input (q, k, v; gate, up): all int8 or all int4 go through one kernel call
+    """Several matrices read by one input (q, k, v; gate, up): int8 and int4 ones go through one kernel call
     whose parallel loop walks the blocks of every matrix in turn (odd row counts: each one's last block is
-    padding); a mix, a None (a projection the layer lacks) or a prefill, one product each. Each product as
+    padding); with a float32 one, a None (a projection the layer lacks) or a prefill, one product each. Each product as
     layers.linears gives it, within the bound of test_linear_equals_numpy."""
     rng = np.random.default_rng(seed)
     width = 32 * groups
@@ -98,18 +98,29 @@ def test_linears_equal_numpy(kinds, outs, groups, tokens, seed):
         assert np.all(np.abs(a - b) <= width * EPS * magnitude + 1e-30)
 
 
-def test_linears_makes_one_kernel_call_for_matrices_packed_alike(monkeypatch):
-    """q, k and v of a decode step, all int8 (or all int4): one call of the matrix-vector kernel, with all
-    three matrices; with a prefill's tokens, one product each through the tiles."""
+def test_linears_makes_one_kernel_call_for_packed_matrices(monkeypatch):
+    """q, k and v of a decode step, all int8, all int4, or a mix (int4 weights keep v_proj in int8): one call of
+    a matrix-vector kernel with all three matrices (the mix: mixed_matvec, with each kind's); with a prefill's
+    tokens, one product each through the tiles. The mix gives the same bits as each kind's own kernel: the
+    same block code (int8_block, int4_block) in one parallel loop."""
     rng = np.random.default_rng(0)
     calls = []
     run = kernels_numba._run
     monkeypatch.setattr(kernels_numba, "_run", lambda kernel, *a: (calls.append((kernel, a)), run(kernel, *a)))
-    for kind, kernel in (("int8x64", kernels_numba.int8x64_matvec), ("int4x64", kernels_numba.int4x64_matvec)):
-        ws = [make_weight(kind, rng.standard_normal((n, 64)).astype(np.float32)) for n in (256, 64, 64)]
+    for kinds, kernel in ((("int8x64",) * 3, kernels_numba.int8x64_matvec),
+                          (("int4x64",) * 3, kernels_numba.int4x64_matvec),
+                          (("int4x64", "int4x64", "int8x64"), kernels_numba.mixed_matvec),
+                          (("int8x64", "int4x64", "int8x64"), kernels_numba.mixed_matvec)):
+        ws = [make_weight(kind, rng.standard_normal((n, 64)).astype(np.float32))
+              for kind, n in zip(kinds, (256, 64, 64))]
+        x = rng.standard_normal((2, 64)).astype(np.float32)
         calls.clear()
-        kernels_numba.linears(rng.standard_normal((1, 64)).astype(np.float32), *ws)
-        assert [c[0] for c in calls] == [kernel] and len(calls[0][1][1]) == 3
+        products = kernels_numba.linears(x, *ws)
+        assert [c[0] for c in calls] == [kernel]
+        given = [a for arg in calls[0][1] if isinstance(arg, tuple) for a in arg]
+        assert all(any((w.q if isinstance(w, Int8x64) else w.nibbles) is a for a in given) for w in ws)
+        for w, product in zip(ws, products):
+            assert np.array_equal(product, kernels_numba.linear(x, w))  # each kind's kernel on its own
         calls.clear()
         kernels_numba.linears(rng.standard_normal((kernels_numba.PACKED_MATVEC_MAX_T + 1, 64)).astype(np.float32),
                               *ws)
@@ -454,10 +465,15 @@ def tiny_config(model_type: str) -> GemmaConfig:
 
 
 def stored_as(params: Params, kind: str) -> Params:
-    """The same random params with every matrix in storage `kind` (norms stay float32)."""
-    def convert(w):
-        return w if w is None or w.ndim == 1 else make_weight(kind, w)
-    layers = [LayerParams(**{f: convert(w) for f, w in vars(p).items()}) for p in params.layers]
+    """The same random params with every matrix in storage `kind` (norms stay float32). "int4x64, v int8x64": as
+    the int4 load of a Q4_K_M file, v_proj int8 and the other matrices int4 (decode's q, k and v: mixed_matvec)."""
+    def convert(w, field=""):
+        if w is None or w.ndim == 1:
+            return w
+        if kind == "int4x64, v int8x64":
+            return make_weight("int8x64" if field == "v_proj" else "int4x64", w)
+        return make_weight(kind, w)
+    layers = [LayerParams(**{f: convert(w, f) for f, w in vars(p).items()}) for p in params.layers]
     return Params(embed=convert(params.embed), final_norm=params.final_norm, layers=layers)
 
 
@@ -468,7 +484,7 @@ def run(model: Gemma, ids, steps: int = 6):
     return logits, text
 
 
-@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8x64", "int4x64"])
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8x64", "int4x64", "int4x64, v int8x64"])
 @pytest.mark.parametrize("model_type", ["gemma", "gemma2", "gemma3_text"])
 def test_tiny_models_same_on_both_backends(model_type, kind):
     config = tiny_config(model_type)
@@ -481,11 +497,11 @@ def test_tiny_models_same_on_both_backends(model_type, kind):
     assert text == ref_text
 
 
-@pytest.mark.parametrize("kind", ["int8x64", "int4x64"])
+@pytest.mark.parametrize("kind", ["int8x64", "int4x64", "int4x64, v int8x64"])
 def test_numba_kernels_run_as_plain_python(kind):
     """NUMBA_DISABLE_JIT=1 (to step through a kernel in a debugger) runs the same code as Python: the int8
     kernel with the NumPy versions of pair_sums and prefetch in place of their LLVM code, the int4 kernel with
-    nibble_sums'."""
+    nibble_sums', and both in mixed_matvec."""
     script = r"""
 import json, sys
 import numpy as np
