@@ -124,7 +124,8 @@ elif side == "transformers":
 else:  # llama.cpp through llama-cpp-python, on the GGUF file as stored (Q4_K_M / Q8_0 mix)
     from llama_cpp import Llama
     t = time.perf_counter()
-    model = Llama(model_path=str(path), n_ctx=max(lengths + [long_len]) + 128, n_threads=options.get("threads") or os.cpu_count(),
+    model = Llama(model_path=str(path), n_ctx=max(lengths + [long_len]) + 128,
+                  n_threads=options.get("threads") or os.cpu_count(),
                   n_batch=512, verbose=False)
     result["load_s"] = time.perf_counter() - t
     model.eval(prompt[:8])  # warm-up, as for transformers: 8 tokens, then one decoded

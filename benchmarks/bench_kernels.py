@@ -6,10 +6,11 @@ Decoding one token reads every weight once, so a matrix-vector kernel is as fast
 allow: GB/s = weight bytes / time. The column "of f32" compares each kernel's GB/s with the float32 kernel's
 on the same matrix in the same run: a kernel that keeps up with memory streams as many bytes per second as
 float32 does, whatever its bytes per weight (issue 19 asks >= 70% for the int8 LM head). The first line says
-which CPU and which LLVM target (benchmarks/machine.py): the kernels compile differently per CPU. Shapes are the built-in Gemma 3 270M's (the LM head is 262144 x 640;
-the layers' matrices are small enough to sit in the L2/L3 caches between tokens, which is why they can
-beat DRAM bandwidth here) and gemma-2b's. Also: the attention decode kernel over an 8k-position cache, and
-for comparison the NumPy reference of each. Medians of repeated runs; random weights.
+which CPU and which LLVM target (benchmarks/machine.py): the kernels compile differently per CPU. Shapes are
+the built-in Gemma 3 270M's (the LM head is 262144 x 640; the layers' matrices are small enough to sit in the
+L2/L3 caches between tokens, which is why they can beat DRAM bandwidth here) and gemma-2b's. Also: the
+attention decode kernel over an 8k-position cache, and for comparison the NumPy reference of each. Medians of
+repeated runs; random weights.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def main():
     print(machine_line())
     print(f"Numba threads: {numba.get_num_threads()}; load average {os.getloadavg()[0]:.1f}; "
           f"bandwidth assumed {args.bandwidth} GB/s\n")
-    print("| kernel | matrix | MB | time µs | GB/s | % of bandwidth | of f32 |" + (" NumPy GB/s |" if args.numpy else ""))
+    print("| kernel | matrix | MB | time µs | GB/s | % of bandwidth | of f32 |"
+          + (" NumPy GB/s |" if args.numpy else ""))
     print("|---|---|---|---|---|---|---|" + ("---|" if args.numpy else ""))
     rng = np.random.default_rng(0)
     for shape_name, (out, width) in SHAPES.items():

@@ -22,7 +22,8 @@ import numpy as np
 from machine import line as machine_line
 from minigemma import kernels_numba as K
 
-MULTIPLIES = re.compile(r"^\s+(?:vfmadd\w+|vmulps|vpmaddwd|vpdpwssd|vpdpbusd|vpmulld|vpmaddubsw)\s+[^\n]*%([xyz])mm", re.M)
+MULTIPLIES = re.compile(r"^\s+(?:vfmadd\w+|vmulps|vpmaddwd|vpdpwssd|vpdpbusd|vpmulld|vpmaddubsw)\s+[^\n]*%([xyz])mm",
+                        re.M)
 LANES = {"x": 1, "y": 2, "z": 4}  # 128-bit units of a register
 
 

@@ -3,7 +3,8 @@
     python benchmarks/vnni_prototype.py                      # the 270M's LM head (262144 x 640), 40 rounds
     python benchmarks/vnni_prototype.py --rows 2048 --cols 640
     python benchmarks/vnni_prototype.py --asm                # its inner loop's instructions only (no run)
-    NUMBA_CPU_NAME=rocketlake python benchmarks/vnni_prototype.py --asm
+    NUMBA_CPU_NAME=sapphirerapids NUMBA_CPU_FEATURES=+avx512f,+avx512bw,+avx512vl,+avx512vnni,+avx2,+fma,+f16c \
+        python benchmarks/vnni_prototype.py --asm                # the same, compiled on a CPU without VNNI
 
 LLVM does not form AVX-512 VNNI's 4-way byte multiply-add (`vpdpbusd`) from any loop shape tried
 (docs/kernels.md), so this prototype emits it itself: a Numba `@intrinsic` writes the LLVM IR call
@@ -25,13 +26,14 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import re
 import sys
 import time
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, prange, typeof, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -104,13 +106,22 @@ def quantize_activations(x: np.ndarray):
 
 
 def inner_loop_counts() -> dict:
-    """Compile for small arrays and count the vector instructions of the machine code (as kernel_asm.py)."""
+    """Compile for small arrays (without running: the code may be for another CPU) and count the vector
+    instructions of the machine code (as kernel_asm.py)."""
     B, G = 2, 4
-    vnni_matvec(np.zeros(32 * G, np.int8), np.zeros(G, np.float32), np.zeros(G, np.int32),
-                np.zeros((B, G, 8, 16, 4), np.uint8), np.zeros((B, G, 16), np.uint16), np.zeros(16 * B, np.float32))
+    args = (np.zeros(32 * G, np.int8), np.zeros(G, np.float32), np.zeros(G, np.int32),
+            np.zeros((B, G, 8, 16, 4), np.uint8), np.zeros((B, G, 16), np.uint16), np.zeros(16 * B, np.float32))
+    vnni_matvec.compile(tuple(typeof(a) for a in args))
     asm = next(iter(vnni_matvec.inspect_asm().values()))
     return dict(collections.Counter(f"{name} {width}" for name, width in re.findall(
         r"^\s+(vpdpbusd|vpbroadcastd|vcvtdq2ps|vcvtph2ps|vfmadd\w+|vmulps)\s+[^\n]*%([xyz])mm", asm, re.M)))
+
+
+def target_has_vnni() -> bool:
+    """Whether Numba compiles for a CPU with AVX-512 VNNI: this one, or the one NUMBA_CPU_FEATURES describes
+    (without VNNI, LLVM cannot compile vpdpbusd and aborts the process)."""
+    listed = os.environ.get("NUMBA_CPU_FEATURES")
+    return "+avx512vnni" in listed.split(",") if listed else "avx512_vnni" in cpu_features()
 
 
 def main() -> int:
@@ -124,12 +135,17 @@ def main() -> int:
     if args.rows % 64 or args.cols % 32 or args.rows <= 0 or args.cols <= 0:
         print(f"--rows {args.rows} --cols {args.cols}: expected positive multiples of 64 and 32", file=sys.stderr)
         return 2
+    if args.asm and not target_has_vnni():
+        print("vnni_prototype.py --asm: Numba compiles for this CPU, which has no avx512_vnni; name one that has it "
+              "(NUMBA_CPU_NAME=sapphirerapids NUMBA_CPU_FEATURES=+avx512f,+avx512bw,+avx512vl,+avx512vnni,+avx2,"
+              "+fma,+f16c; this file's docstring)", file=sys.stderr)
+        return 1
     if args.asm:
         print("vector instructions (x/y/z: 128/256/512 bits):", inner_loop_counts())
         return 0
     if "avx512_vnni" not in cpu_features():
-        print("vnni_prototype.py: this CPU has no avx512_vnni, so vpdpbusd cannot run here (--asm still works)",
-              file=sys.stderr)
+        print("vnni_prototype.py: this CPU has no avx512_vnni, so vpdpbusd cannot run here (--asm with another "
+              "target still works: this file's docstring)", file=sys.stderr)
         return 1
 
     rng = np.random.default_rng(0)
