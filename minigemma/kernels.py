@@ -1,8 +1,8 @@
 """Backends: which functions run the hot operations of a model. A backend is a value the model holds.
 
-Every product with a weight matrix, the embedding lookup, attention, RMSNorm and RoPE go through the model's backend
-(`model.backend`, passed down `forward` as `ops`), so model.py reads the same for every weight type and for
-both backends:
+Every product with a weight matrix, the embedding lookup, attention, RMSNorm, RoPE and the MLP's activation go
+through the model's backend (`model.backend`, passed down `forward` as `ops`), so model.py reads the same for every
+weight type and for both backends:
 
     ops.linear(x, w)                  x @ w.T for a float32, 16-bit, int8 or int4 weight     (T, in) -> (T, out)
     ops.linears(x, w1, w2, ...)       [x @ w.T for each]: q, k, v or gate, up, in one call   -> [(T, out_i)]
@@ -11,6 +11,7 @@ both backends:
     ops.attention(q, k, v, q_pos, k_pos, window, scale, cap)   causal (sliding) attention    -> (H, T, Dh)
     ops.rms_norm(x, w, eps)           RMSNorm with Gemma's (1 + w)                           (..., N) -> (..., N)
     ops.apply_rope(x, cos, sin)       the rotary embedding, split-half pairs                 (N, T, Dh) -> (N, T, Dh)
+    ops.geglu(g, u)                   the MLP's gated activation, gelu_tanh(g) * u           (T, F) x2 -> (T, F)
     ops.prepare(w)                    a weight, in the layout this backend's kernels read best (at load time)
 
 Two backends, with the same answers (within float32 summation order; tests/test_kernels.py):
@@ -46,6 +47,7 @@ class Backend:
     attention: Callable
     rms_norm: Callable
     apply_rope: Callable
+    geglu: Callable
     prepare: Callable
 
     def __repr__(self):
@@ -59,7 +61,7 @@ def _as_is(w):
 
 NUMPY = Backend("numpy", linear=layers.linear, linears=layers.linears, linear_backward=layers.linear_backward,
                 embedding_rows=layers.embedding_rows, attention=layers.causal_attention, rms_norm=layers.rms_norm,
-                apply_rope=layers.apply_rope, prepare=_as_is)
+                apply_rope=layers.apply_rope, geglu=layers.geglu, prepare=_as_is)
 
 BACKENDS = ("numpy", "numba")
 _numba: Backend | None = None  # built on first request: importing Numba takes a second
@@ -91,5 +93,6 @@ def get(name: str | Backend = "numpy") -> Backend:
         _numba = Backend("numba", linear=kernels_numba.linear, linears=kernels_numba.linears,
                          linear_backward=kernels_numba.linear_backward, embedding_rows=kernels_numba.embedding_rows,
                          attention=kernels_numba.attention, rms_norm=kernels_numba.rms_norm,
-                         apply_rope=kernels_numba.apply_rope, prepare=kernels_numba.prepare)
+                         apply_rope=kernels_numba.apply_rope, geglu=kernels_numba.geglu,
+                         prepare=kernels_numba.prepare)
     return _numba

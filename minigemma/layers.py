@@ -396,15 +396,20 @@ def gelu_tanh_backward(dout: np.ndarray, x: np.ndarray) -> np.ndarray:
     return dout * (k(0.5) * (1 + t) + k(0.5) * x * (1 - t * t) * c * (1 + k(3 * 0.044715) * x * x))
 
 
+def geglu(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """The MLP's gated activation: gelu_tanh(g) * u, element by element. Shapes: (T, F) x2 -> (T, F)"""
+    return gelu_tanh(g) * u
+
+
 def mlp(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray, linear=linear,
-        linears=linears) -> np.ndarray:
-    """GeGLU feed-forward: down(gelu_tanh(gate(x)) * up(x)), no biases. `linear` and `linears` are this
-    module's, or a backend's twins.
+        linears=linears, geglu=geglu) -> np.ndarray:
+    """GeGLU feed-forward: down(gelu_tanh(gate(x)) * up(x)), no biases. `linear`, `linears` and `geglu` are
+    this module's, or a backend's twins.
 
     Shapes: (T, D), gate/up (F, D), down (D, F) -> (T, D)
     """
     g, u = linears(x, gate, up)  # (T, D) -> (T, F) each
-    return linear(gelu_tanh(g) * u, down)  # (T, F) -> (T, D)
+    return linear(geglu(g, u), down)  # (T, F) -> (T, D)
 
 
 def mlp_backward(dout: np.ndarray, x: np.ndarray, gate, up, down, g: np.ndarray, u: np.ndarray,

@@ -95,7 +95,7 @@ def block(x, p: LayerParams, c: GemmaConfig, ops: kernels.Backend, layer: int, r
         steps["post_attn_norm"] = h = ops.rms_norm(h, p.post_attn_norm, eps)
     steps["resid_mid"] = x = x + h
     steps["mlp_norm"] = h = ops.rms_norm(x, p.pre_mlp_norm, eps)
-    steps["mlp_out"] = h = mlp(h, p.gate_proj, p.up_proj, p.down_proj, ops.linear, ops.linears)
+    steps["mlp_out"] = h = mlp(h, p.gate_proj, p.up_proj, p.down_proj, ops.linear, ops.linears, ops.geglu)
     if c.enable_moe_block:  # Gemma 4 MoE: the dense MLP's output normed, plus the experts' (from x, not h)
         steps["moe_out"] = h = ops.rms_norm(h, p.post_dense_norm, eps) + mixture_of_experts(x, p, c, ops, layer)
     if c.sandwich_norms:

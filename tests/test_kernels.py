@@ -39,14 +39,14 @@ def test_the_two_backends_and_their_functions():
     numpy_ops, numba_ops = kernels.get("numpy"), kernels.get("numba")
     assert numpy_ops is kernels.NUMPY and numpy_ops.name == "numpy"
     assert (numpy_ops.linear, numpy_ops.linears, numpy_ops.linear_backward, numpy_ops.embedding_rows,
-            numpy_ops.attention, numpy_ops.rms_norm, numpy_ops.apply_rope) == (
+            numpy_ops.attention, numpy_ops.rms_norm, numpy_ops.apply_rope, numpy_ops.geglu) == (
         layers.linear, layers.linears, layers.linear_backward, layers.embedding_rows, layers.causal_attention,
-        layers.rms_norm, layers.apply_rope)
+        layers.rms_norm, layers.apply_rope, layers.geglu)
     assert numba_ops.name == "numba" and kernels.get("numba") is numba_ops
     assert (numba_ops.linear, numba_ops.linears, numba_ops.linear_backward, numba_ops.attention, numba_ops.rms_norm,
-            numba_ops.apply_rope, numba_ops.prepare) == (
+            numba_ops.apply_rope, numba_ops.geglu, numba_ops.prepare) == (
         kernels_numba.linear, kernels_numba.linears, kernels_numba.linear_backward, kernels_numba.attention,
-        kernels_numba.rms_norm, kernels_numba.apply_rope, kernels_numba.prepare)
+        kernels_numba.rms_norm, kernels_numba.apply_rope, kernels_numba.geglu, kernels_numba.prepare)
     assert kernels.get(numba_ops) is numba_ops
     with pytest.raises(dataclasses.FrozenInstanceError):
         numpy_ops.linear = kernels_numba.linear  # nobody rebinds a backend's functions
