@@ -596,36 +596,55 @@ ROUNDING = 12582912.0  # 1.5 * 2^23: adding and subtracting it rounds a float32 
 
 @njit(inline="always", fastmath={"contract"}, cache=True)
 def exp_f32(z):
-    """e^z in float32, for z clamped to [-87, 88] (e^-87 is still a normal float32, e^88 still finite), within
-    about 1 ulp of the exact value: e^z = 2^k e^r with k = round(z / ln 2) and r = z - k ln 2 in [-ln 2/2, ln 2/2],
-    e^r by Cephes' expf polynomial (S. Moshier, Cephes Math Library), 2^k built as a float's bit pattern
-    (as_f32). Only arithmetic and a bitcast, so a loop calling it becomes vector code, where math.exp is a
-    call of libm's expf per element. (Not fastmath's `reassoc`: it would fold the rounding constant away.)"""
+    """e^z in float32 within about 1 ulp of the exact value, for z in [-87, 88] (e^-87 is still a normal float32,
+    e^88 still finite); 0 below -87 (e^-inf = 0: a masked score), e^88 above. e^z = 2^k e^r with
+    k = round(z / ln 2) and r = z - k ln 2 in [-ln 2/2, ln 2/2], e^r by Cephes' expf polynomial (S. Moshier,
+    Cephes Math Library), 2^k built as a float's bit pattern (as_f32). Only arithmetic, a bitcast and selects,
+    so a loop calling it becomes vector code, where math.exp is a call of libm's expf per element. (Not
+    fastmath's `reassoc`: it would fold the rounding constant away.)"""
+    underflow = z < f32(-87.0)
     z = min(max(z, f32(-87.0)), f32(88.0))
     k = (z * f32(1.4426950408889634) + f32(ROUNDING)) - f32(ROUNDING)  # round(z / ln 2)
     r = z - k * f32(LN2_HIGH)
     r = r - k * f32(LN2_LOW)
     p = ((((f32(1.9875691500e-4) * r + f32(1.3981999507e-3)) * r + f32(8.3334519073e-3)) * r
           + f32(4.1665795894e-2)) * r + f32(1.6666665459e-1)) * r + f32(5.0000001201e-1)
-    return (p * (r * r) + r + f32(1)) * as_f32((np.int32(k) + np.int32(127)) << np.int32(23))
+    e = (p * (r * r) + r + f32(1)) * as_f32((np.int32(k) + np.int32(127)) << np.int32(23))
+    return f32(0) if underflow else e
 
 
 @njit(fastmath={"contract"}, error_model="numpy", cache=True)
 def geglu_rows(g, u, out):
-    """out = gelu_tanh(g) * u element by element (layers.geglu), with the GELU written as
-        0.5 x (1 + tanh(s)) = x / (1 + e^(-2s)),   s = sqrt(2/pi) (x + 0.044715 x^3)
-    (1 + tanh(s) = 2 / (1 + e^(-2s))): one exp_f32 and one division per element, in vector registers.
-    NumPy's float32 tanh took ~2.7 ns an element, and the reference's nine passes over a 500-token prefill's
-    (500, 2048) a layer 4.0 ms; this, 0.7-0.9 ms (AMD EPYC Zen 3). Not the reference's bits: each is within
-    a few float32 roundings of the exact GELU (the test holds both to that). error_model "numpy": a division
-    by zero need not be checked for (1 + e^(-2s) >= 1), and the check kept the loop scalar. One thread.
+    """out = gelu_tanh(g) * u element by element (layers.geglu): the reference's formula, 0.5 x (1 + tanh(s)),
+    s = sqrt(2/pi) (x + 0.044715 x^3), with tanh(s) = sign(s) (1 - e) / (1 + e), e = e^(-2|s|) (exp_f32), in
+    vector registers. That tanh is within about an ulp of 1 of the exact one, which is what 1 + tanh(s) needs
+    (for s << 0 both it and the reference's round tanh(s) to float32's grid near -1 alike; written instead as
+    x / (1 + e^(-2s)), more accurate there, it stood further from the reference and from transformers, up to
+    6e-4 relative on an activation of -3). NumPy's float32 tanh took ~2.7 ns an element, and the reference's
+    nine passes over a 500-token prefill's (500, 2048) a layer 4.0 ms (AMD EPYC Zen 3). error_model "numpy": a
+    division by zero need not be checked for (1 + e >= 1), and the check kept the loop scalar. One thread.
 
     Shapes: g, u, out (N,) float32, contiguous (the (T, F) arrays flattened)
     """
-    c = f32(-2 * math.sqrt(2 / math.pi))
+    c = f32(math.sqrt(2 / math.pi))
     for i in range(g.shape[0]):
         x = g[i]
-        out[i] = x / (f32(1) + exp_f32(c * (x + f32(0.044715) * x * x * x))) * u[i]
+        s = c * (x + f32(0.044715) * x * x * x)
+        e = exp_f32(f32(-2) * abs(s))
+        tanh = math.copysign((f32(1) - e) / (f32(1) + e), s)
+        out[i] = f32(0.5) * x * (f32(1) + tanh) * u[i]
+
+
+@njit(fastmath={"contract"}, error_model="numpy", cache=True)
+def exp_rows(x, shift):
+    """x[r, j] = e^(x[r, j] - shift[r]) in place (exp_f32: -inf, a masked score, gives 0): the softmax's
+    numerators in attention_tiles, one vector pass where NumPy made two (a subtraction, then its exp at ~1.4 ns an
+    element: 1.0 of a 500-token prefill's 7.2 ms of attention a layer, AMD EPYC Zen 3). One thread.
+
+    Shapes: x (R, N) float32, contiguous; shift (R,) float32"""
+    for r in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            x[r, j] = exp_f32(x[r, j] - shift[r])
 
 
 # ---- dequantizing tiles (prefill) -----------------------------------------------------------------------------
@@ -1152,7 +1171,7 @@ def attention_flash(q, k, v, q_positions, k_positions, window, scale, cap) -> np
 def attention_tiles(q, k, v, q_positions, k_positions, window, scale, cap, tile: int = BLAS_TILE,
                     key_tile: int = BLAS_KEY_TILE) -> np.ndarray:
     """Prefill attention: flash_attention's online softmax, one tile of queries x one tile of keys at a time,
-    with each tile's two products done by BLAS sgemm (as layers.causal_attention; NumPy, no Numba).
+    with each tile's two products done by BLAS sgemm (as layers.causal_attention; NumPy, and exp_rows for the exps).
 
     The same FlashAttention recurrence as flash_attention, on blocks instead of single queries: per tile of
     queries, walk the tiles of keys they can see, keeping for each query the running maximum m, the running
@@ -1191,7 +1210,8 @@ def attention_tiles(q, k, v, q_positions, k_positions, window, scale, cap, tile:
             new_max = np.maximum(run_max, scores.max(axis=-1, keepdims=True))  # > -inf: each query sees itself
             seen = np.isfinite(new_max)  # False only for queries with no visible key yet (none in this tile)
             safe_max = np.where(seen, new_max, f32(0))
-            p = np.exp(np.subtract(scores, safe_max, out=scores), out=scores)  # masked scores: exp(-inf) = 0
+            _run(exp_rows, scores.reshape(-1, s1 - s0), safe_max.reshape(-1))  # in place; masked: exp(-inf) = 0
+            p = scores
             values = (p.reshape(K, G * n_q, s1 - s0) @ v[:, s0:s1]).reshape(K, G, n_q, Dh)  # sgemm per kv head
             if acc is None:  # the first tile of keys: nothing to rescale yet
                 run_sum, acc = p.sum(axis=-1, keepdims=True), values
@@ -1231,7 +1251,7 @@ def prepare(w):
 # ---- compiling ------------------------------------------------------------------------------------------------
 
 KERNELS = (int8x64_matvec, int4x64_matvec, mixed_matvec, f16bits_matvec, f32_matvec, int8x64_tile, int4x64_tile,
-           flash_attention, decode_attention, merge_parts, rms_norm_rows, rope_rows, geglu_rows)
+           flash_attention, decode_attention, merge_parts, rms_norm_rows, rope_rows, geglu_rows, exp_rows)
 _ready: set = set()  # kernels called at least once in this process
 
 
