@@ -1210,8 +1210,9 @@ def attention_tiles(q, k, v, q_positions, k_positions, window, scale, cap, tile:
             new_max = np.maximum(run_max, scores.max(axis=-1, keepdims=True))  # > -inf: each query sees itself
             seen = np.isfinite(new_max)  # False only for queries with no visible key yet (none in this tile)
             safe_max = np.where(seen, new_max, f32(0))
-            _run(exp_rows, scores.reshape(-1, s1 - s0), safe_max.reshape(-1))  # in place; masked: exp(-inf) = 0
-            p = scores
+            rows = scores.reshape(-1, s1 - s0)  # (a view: scores is a fresh contiguous product)
+            _run(exp_rows, rows, safe_max.reshape(-1))  # e^(score - max) in place; masked: exp(-inf) = 0
+            p = rows.reshape(scores.shape)
             values = (p.reshape(K, G * n_q, s1 - s0) @ v[:, s0:s1]).reshape(K, G, n_q, Dh)  # sgemm per kv head
             if acc is None:  # the first tile of keys: nothing to rescale yet
                 run_sum, acc = p.sum(axis=-1, keepdims=True), values
