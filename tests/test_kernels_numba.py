@@ -80,8 +80,8 @@ def test_linear_equals_numpy(kind, out, groups, tokens, seed, small_tiles):
 def test_linears_equal_numpy(kinds, outs, groups, tokens, seed):
     """Several matrices read by one input (q, k, v; gate, up): int8 and int4 ones go through one kernel call
     whose parallel loop walks the blocks of every matrix in turn (odd row counts: each one's last block is
-    padding); with a float32 one, a None (a projection the layer lacks) or a prefill, one product each. Each product as
-    layers.linears gives it, within the bound of test_linear_equals_numpy."""
+    padding); with a float32 one, a None (a projection the layer lacks) or a prefill, one product each. Each
+    product as layers.linears gives it, within the bound of test_linear_equals_numpy."""
     rng = np.random.default_rng(seed)
     width = 32 * groups
     ws = [None if kind is None else make_weight(kind, rng.standard_normal((n, width)).astype(np.float32))
@@ -464,10 +464,10 @@ def exact_geglu(g, u):
 @given(T=st.sampled_from([1, 3, 40]), F=st.integers(1, 300), scale=st.sampled_from([0.01, 1.0, 4.0, 30.0]),
        transposed=st.booleans(), seed=st.integers(0, 2**16))
 def test_geglu_equals_numpy(T, F, scale, transposed, seed):
-    """geglu_rows writes the GELU as x / (1 + e^(-2s)) with its own vectorisable exp (exp_f32), not the
-    reference's tanh: not the same bits, but each within a few float32 roundings of the exact value (float64),
-    relative to |g u|, from saturated negative inputs (e^(-2s) clamped at e^88) to saturated positive ones; a
-    non-contiguous g goes through it too."""
+    """geglu_rows computes the reference's 0.5 x (1 + tanh s) with its own tanh, from a vectorisable exp
+    (exp_f32), not NumPy's: not the same bits, but each within a few float32 roundings of the exact value
+    (float64), relative to |g u|, from saturated negative inputs (1 + tanh s = 0) to saturated positive ones;
+    a non-contiguous g goes through it too."""
     rng = np.random.default_rng(seed)
     g = (rng.standard_normal((F, T)) * scale).astype(np.float32).T
     if not transposed:
@@ -475,7 +475,7 @@ def test_geglu_equals_numpy(T, F, scale, transposed, seed):
     u = rng.standard_normal((T, F)).astype(np.float32)
     ours, ref = kernels_numba.geglu(g, u), layers.geglu(g, u)
     assert ours.shape == ref.shape == (T, F) and ours.dtype == np.float32
-    bound = 4 * 2.0**-24 * np.abs(g.astype(np.float64) * u) + 1e-38  # measured: 2.75 ours, 2.73 the reference
+    bound = 4 * 2.0**-24 * np.abs(g.astype(np.float64) * u) + 1e-38  # measured: 2.73 ours and the reference's
     exact = exact_geglu(g, u)
     assert np.all(np.abs(ref - exact) <= bound)
     assert np.all(np.abs(ours - exact) <= bound)
