@@ -453,9 +453,9 @@ def int4_block(xs, xsums, nibbles, d, m, b, out):
 @njit(parallel=True, fastmath=FAST, cache=True)
 def mixed_matvec(x, qs, ds, outs, nibble_s, ds4, ms, outs4):
     """int8x64_matvec and int4x64_matvec in one parallel loop: the blocks of the int8 matrices (qs, ds -> outs),
-    then those of the int4 ones (nibble_s, ds4, ms -> outs4). int4 weights keep v_proj in int8 (the file's Q6_K),
-    so q, k and v are two kinds; a call of each kind's kernel was one parallel loop more per layer, and with
-    q and k in one and v in another, 10 us per layer more than all three in one loop (AMD EPYC Zen 3).
+    then those of the int4 ones (nibble_s, ds4, ms -> outs4). The int4 load of a Q4_K_M file keeps v_proj in
+    int8 (the file's Q6_K), so q, k and v are two kinds: as three kernel calls they took 75.5-78.1 us a layer,
+    in one loop 63.9-66.0 (AMD EPYC Zen 3, docs/kernels.md).
 
     Shapes: as int8x64_matvec's and int4x64_matvec's"""
     sizes8 = np.array([q.shape[0] for q in qs])
