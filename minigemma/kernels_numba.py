@@ -951,6 +951,12 @@ def linear(x: np.ndarray, w) -> np.ndarray:
     """x @ w.T, as layers.linear. Shapes: (T, in), (out, in) -> (T, out) float32"""
     x = np.ascontiguousarray(x, dtype=f32)
     T = x.shape[0]
+    if type(w) in PACKED:  # int8 or int4: decode's case first, it is the one that runs ~70 times a token
+        if T <= PACKED_MATVEC_MAX_T:
+            return _packed_matvecs(x, (w,))[0]
+        out = np.empty((T, _width(w)), f32)
+        _tiled_matmul(x, w, out)
+        return _logical(out, w)
     if isinstance(w, LoRA):  # the frozen base through its kernel, plus the small low-rank branch (NumPy)
         return linear(x, w.base) + reference.lora_update(x, w)
     if isinstance(w, np.ndarray):
@@ -959,12 +965,6 @@ def linear(x: np.ndarray, w) -> np.ndarray:
             _run(f32_matvec, x, w, out)
             return out
         return x @ w.T  # float32 prefill: BLAS sgemm
-    if isinstance(w, (Int8x64, Int4x64)):
-        if T <= PACKED_MATVEC_MAX_T:
-            return _packed_matvecs(x, [w])[0]
-        out = np.empty((T, _width(w)), f32)
-        _tiled_matmul(x, w, out)
-        return _logical(out, w)
     if isinstance(w, Float16Bits) and T <= MATVEC_MAX_T:
         out = np.empty((T, w.shape[0]), f32)
         _run(f16bits_matvec, x, _bits(w.data), w.dtype == "bfloat16", out)
@@ -979,40 +979,42 @@ def linears(x: np.ndarray, *ws) -> list:
 
     Shapes: (T, in), (out_i, in) each -> [(T, out_i)]"""
     x = np.ascontiguousarray(x, dtype=f32)
+    if x.shape[0] <= PACKED_MATVEC_MAX_T and len(ws) > 1 and all(type(w) in PACKED for w in ws):
+        return _packed_matvecs(x, ws)
     given = [w for w in ws if w is not None]
-    if x.shape[0] <= PACKED_MATVEC_MAX_T and len(given) > 1 and all(isinstance(w, (Int8x64, Int4x64)) for w in given):
+    if x.shape[0] <= PACKED_MATVEC_MAX_T and len(given) > 1 and all(type(w) in PACKED for w in given):
         products = iter(_packed_matvecs(x, given))
         return [None if w is None else next(products) for w in ws]
     return [None if w is None else linear(x, w) for w in ws]
 
 
-def _packed_matvecs(x: np.ndarray, ws: list) -> list:
+PACKED = (Int8x64, Int4x64)
+
+
+def _packed_matvecs(x: np.ndarray, ws) -> list:
     """x @ w.T for Int8x64 and Int4x64 matrices through one matrix-vector kernel call: int8x64_matvec,
-    int4x64_matvec, or mixed_matvec for a mix of the two. Shapes: as linears"""
-    outs = [np.empty((x.shape[0], _width(w)), f32) for w in ws]
-    int8 = [isinstance(w, Int8x64) for w in ws]
+    int4x64_matvec, or mixed_matvec for a mix of the two. x is float32 and contiguous. Shapes: as linears
+
+    Written for a decode step, which makes ~70 of these calls a token: the Python around a kernel call cost
+    ~15 us in a step against ~6 on its own (every object it touches was pushed out of the caches by the
+    weights streamed since), so this touches few: each matrix's arrays are made once (kernel_arrays)."""
+    arrays = [w.kernel_arrays for w in ws]
+    outs = tuple([np.empty((x.shape[0], a[0].shape[0] * ROWS), f32) for a in arrays])
+    int8 = [len(a) == 2 for a in arrays]  # (q, d) or (nibbles, d, m)
     if all(int8):
-        _run(int8x64_matvec, x, *_int8_args(ws, outs))
+        _run(int8x64_matvec, x, *_each(arrays, 2), outs)
     elif not any(int8):
-        _run(int4x64_matvec, x, *_int4_args(ws, outs))
+        _run(int4x64_matvec, x, *_each(arrays, 3), outs)
     else:
-        _run(mixed_matvec, x, *_int8_args(*_kind(ws, outs, int8, True)), *_int4_args(*_kind(ws, outs, int8, False)))
-    return [_logical(out, w) for out, w in zip(outs, ws)]
+        _run(mixed_matvec, x, *_each([a for a, i in zip(arrays, int8) if i], 2),
+             tuple([o for o, i in zip(outs, int8) if i]), *_each([a for a, i in zip(arrays, int8) if not i], 3),
+             tuple([o for o, i in zip(outs, int8) if not i]))
+    return [out if out.shape[1] == w.out_rows else _logical(out, w) for out, w in zip(outs, ws)]
 
 
-def _int8_args(ws: list, outs: list) -> tuple:
-    """int8x64_matvec's arguments after x, for these matrices and their outputs."""
-    return tuple(w.q for w in ws), tuple(_bits(w.d) for w in ws), tuple(outs)
-
-
-def _int4_args(ws: list, outs: list) -> tuple:
-    """int4x64_matvec's arguments after x, for these matrices and their outputs."""
-    return tuple(w.nibbles for w in ws), tuple(_bits(w.d) for w in ws), tuple(_bits(w.m) for w in ws), tuple(outs)
-
-
-def _kind(ws: list, outs: list, int8: list, want: bool) -> tuple:
-    """The matrices (and their outputs) that are int8 (want True) or int4 (False)."""
-    return [w for w, i in zip(ws, int8) if i == want], [o for o, i in zip(outs, int8) if i == want]
+def _each(arrays: list, n: int) -> tuple:
+    """The kernels' tuple arguments: ((q_1, q_2, ...), (d_1, d_2, ...)...) from [(q_1, d_1...), (q_2, d_2...)]."""
+    return tuple([tuple([a[i] for a in arrays]) for i in range(n)])
 
 
 def _width(w) -> int:
@@ -1047,10 +1049,7 @@ def _tiles(w):
     for b0 in range(0, blocks, step):
         n = min(step, blocks - b0)
         tile = scratch[:in_features * n * ROWS].reshape(in_features, n * ROWS)
-        if isinstance(w, Int8x64):
-            _run(int8x64_tile, w.q, _bits(w.d), b0, tile)
-        else:
-            _run(int4x64_tile, w.nibbles, _bits(w.d), _bits(w.m), b0, tile)
+        _run(int8x64_tile if isinstance(w, Int8x64) else int4x64_tile, *w.kernel_arrays, b0, tile)
         yield b0, n, tile
 
 
@@ -1090,9 +1089,13 @@ embedding_rows = reference.embedding_rows  # a gather: the packed layouts' `take
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """As layers.rms_norm. Shapes: (..., N), (N,) -> (..., N) float32"""
     x = np.ascontiguousarray(x, dtype=f32)
-    out = np.empty(x.shape, f32)
+    out = np.empty_like(x)
     N = x.shape[-1]
-    _run(rms_norm_rows, x.reshape(-1, N), np.ascontiguousarray(weight, dtype=f32), float(eps), out.reshape(-1, N))
+    weight = np.ascontiguousarray(weight, dtype=f32)
+    if x.ndim == 2:  # decode's (1, D): no reshapes
+        _run(rms_norm_rows, x, weight, float(eps), out)
+    else:
+        _run(rms_norm_rows, x.reshape(-1, N), weight, float(eps), out.reshape(-1, N))
     return out
 
 
@@ -1141,18 +1144,19 @@ def attention_decode(q, k, v, q_positions, k_positions, window, scale, cap, rang
     H, _, Dh = q.shape
     K = k.shape[0]
     position = int(q_positions[0])
-    last = int(np.searchsorted(k_positions, position, side="right"))  # keys at or before the query
-    first = int(np.searchsorted(k_positions, position - window, side="right")) if window else 0
+    k_positions = np.asarray(k_positions)  # its method, not np.searchsorted: that wrapper cost 3x as much
+    last = int(k_positions.searchsorted(position, side="right"))  # keys at or before the query
+    first = int(k_positions.searchsorted(position - window, side="right")) if window else 0
     if ranges is None:
         ranges = max(1, min(-(-numba.get_num_threads() // K), (last - first) // DECODE_MIN_KEYS))
     k_sk = np.ascontiguousarray(k.transpose(1, 0, 2), dtype=f32)  # (K, S, Dh) -> (S, K, Dh): a view of the cache
     v_sk = np.ascontiguousarray(v.transpose(1, 0, 2), dtype=f32)
     part_max, part_sum = np.empty((K, ranges, H // K), f32), np.empty((K, ranges, H // K), f32)
     part_out = np.empty((K, ranges, H // K, Dh), f32)
-    _run(decode_attention, np.ascontiguousarray(q[:, 0], dtype=f32), k_sk, v_sk, first, last, float(scale),
-         float(cap or 0.0), part_max, part_sum, part_out)
+    _run(decode_attention, np.ascontiguousarray(q, dtype=f32).reshape(H, Dh), k_sk, v_sk, first, last,
+         float(scale), float(cap or 0.0), part_max, part_sum, part_out)
     out = np.empty((H, 1, Dh), f32)
-    _run(merge_parts, part_max, part_sum, part_out, out[:, 0])
+    _run(merge_parts, part_max, part_sum, part_out, out.reshape(H, Dh))
     return out
 
 

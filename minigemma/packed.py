@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import mmap
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -114,6 +115,13 @@ class Int8x64:
     def nbytes(self) -> int:
         return self.q.size + 2 * self.d.size
 
+    @cached_property
+    def kernel_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(q, d as uint16 bit patterns): what the Numba kernels take, made on first use and kept (a decode step
+        passes each matrix to a kernel once per token; remaking the view each time was part of the ~15 us
+        of Python around every product: docs/kernels.md)."""
+        return self.q, self.d.view(np.uint16)
+
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Shapes: -> (stop - start, in) float32"""
         b0, b1 = start // ROWS, -(-stop // ROWS)  # only the blocks asked for are unpaired (copied)
@@ -151,6 +159,11 @@ class Int4x64:
     @property
     def nbytes(self) -> int:
         return self.nibbles.size + 2 * self.d.size + 2 * self.m.size
+
+    @cached_property
+    def kernel_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(nibbles, d and m as uint16 bit patterns), as Int8x64.kernel_arrays."""
+        return self.nibbles, self.d.view(np.uint16), self.m.view(np.uint16)
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Shapes: -> (stop - start, in) float32"""
