@@ -834,7 +834,7 @@ def flash_attention(q, k, v, q_pos, k_pos, window, scale, cap, out):
 
 
 DECODE_MIN_KEYS = 64  # keys per job at least, when decode_attention splits a kv head's keys between threads
-DECODE_AHEAD = 2  # keys ahead of the scores' pass that decode_attention prefetches (1 and 2 alike; 4: slower)
+DECODE_AHEAD = 2  # keys ahead of the scores' pass that decode_attention prefetches (Zen 3: 1 and 2 alike, 4 slower)
 
 
 @njit(parallel=True, fastmath=FAST, cache=True)
@@ -1010,8 +1010,8 @@ def _packed_matvecs(x: np.ndarray, ws) -> list:
     int4x64_matvec, or mixed_matvec for a mix of the two. x is float32 and contiguous. Shapes: as linears
 
     Written for a decode step, which makes ~70 of these calls a token: the Python around a kernel call cost
-    ~15 us in a step against 5-10 on its own (every object it touches was pushed out of the caches by the
-    weights streamed since), so this touches few: each matrix's arrays are made once (kernel_arrays)."""
+    ~15 us in a step against 5-10 on its own on an AMD EPYC Zen 3 (every object it touches was pushed out of the
+    caches by the weights streamed since), so this touches few: each matrix's arrays are made once (kernel_arrays)."""
     arrays = [w.kernel_arrays for w in ws]
     outs = tuple([np.empty((x.shape[0], a[0].shape[0] * ROWS), f32) for a in arrays])
     int8 = [len(a) == 2 for a in arrays]  # (q, d) or (nibbles, d, m)
