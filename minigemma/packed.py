@@ -118,8 +118,9 @@ class Int8x64:
     @cached_property
     def kernel_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """(q, d as uint16 bit patterns): what the Numba kernels take, made on first use and kept (a decode step
-        passes each matrix to a kernel once per token; remaking the view each time was part of the ~15 us
-        of Python around every product on an AMD EPYC Zen 3: docs/kernels.md). A packed matrix's arrays are never replaced."""
+        passes each matrix to a kernel once per token; remaking the view each time was part of the ~15 us of
+        Python around every product on an AMD EPYC Zen 3: docs/kernels.md). A packed matrix's arrays are never
+        replaced, so what is kept stays right."""
         return self.q, self.d.view(np.uint16)
 
     def rows(self, start: int, stop: int) -> np.ndarray:
