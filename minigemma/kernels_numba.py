@@ -19,6 +19,7 @@ back on it), never the dispatcher. Only these get a twin:
                         products are sgemm calls (NumPy)
     rms_norm(x, w, eps) one pass per row (decode makes ~110 of these small calls per token)
     apply_rope(x, c, s) one pass (decode rotates q and k of every layer: 36 small calls per token for the 270M)
+    geglu(g, u)         gelu_tanh(g) * u in one vector pass (exp_f32 for the tanh), where NumPy made nine
 
 Which threads: decode's kernels run `prange` loops on Numba's threads; prefill's products run on OpenBLAS's,
 so the kernels used in prefill (tiles, RMSNorm, RoPE) stay on one thread, and importing minigemma (__init__.py)
@@ -993,8 +994,6 @@ def linears(x: np.ndarray, *ws) -> list:
 
     Shapes: (T, in), (out_i, in) each -> [(T, out_i)]"""
     x = np.ascontiguousarray(x, dtype=f32)
-    if x.shape[0] <= PACKED_MATVEC_MAX_T and len(ws) > 1 and all(type(w) in PACKED for w in ws):
-        return _packed_matvecs(x, ws)
     given = [w for w in ws if w is not None]
     if x.shape[0] <= PACKED_MATVEC_MAX_T and len(given) > 1 and all(type(w) in PACKED for w in given):
         products = iter(_packed_matvecs(x, given))
@@ -1013,8 +1012,8 @@ def _packed_matvecs(x: np.ndarray, ws) -> list:
     ~15 us in a step against 5-10 on its own on an AMD EPYC Zen 3 (every object it touches was pushed out of the
     caches by the weights streamed since), so this touches few: each matrix's arrays are made once (kernel_arrays)."""
     arrays = [w.kernel_arrays for w in ws]
-    outs = tuple([np.empty((x.shape[0], a[0].shape[0] * ROWS), f32) for a in arrays])
-    int8 = [len(a) == 2 for a in arrays]  # (q, d) or (nibbles, d, m)
+    outs = tuple([np.empty((x.shape[0], _width(w)), f32) for w in ws])
+    int8 = [type(w) is Int8x64 for w in ws]
     if all(int8):
         _run(int8x64_matvec, x, *_each(arrays, 2), outs)
     elif not any(int8):
@@ -1022,7 +1021,7 @@ def _packed_matvecs(x: np.ndarray, ws) -> list:
     else:
         (a8, o8), (a4, o4) = _kind(arrays, outs, int8, True), _kind(arrays, outs, int8, False)
         _run(mixed_matvec, x, *_each(a8, 2), o8, *_each(a4, 3), o4)
-    return [out if out.shape[1] == w.out_rows else _logical(out, w) for out, w in zip(outs, ws)]
+    return [_logical(out, w) for out, w in zip(outs, ws)]
 
 
 def _each(arrays: list, n: int) -> tuple:
