@@ -182,15 +182,25 @@ def _broadcast(builder, value, vector_type):
 
 
 def _fp16_rows(context, builder, array_type, array, at):
-    """8 fp16 bit patterns (uint16) from element `at` of `array`, as <8 x float>: fp16_to_f32's bit trick in IR,
-    exponent and mantissa moved up, rebiased by a multiply by 2^112, then the sign (LLVM's own `fpext` from half
-    needs F16C on x86, or a library function the JIT does not have)."""
+    """8 fp16 bit patterns (uint16) from element `at` of `array`, as <8 x float>: LLVM's `fpext` from half where the
+    target has F16C (`vcvtph2ps`, one instruction), else fp16_to_f32's bit trick in IR, exponent and mantissa moved
+    up, rebiased by a multiply by 2^112, then the sign (without F16C LLVM's `fpext` needs a library function the
+    JIT does not have). The same numbers either way: every finite fp16 is a float32."""
+    if _target_has(context, "f16c"):
+        halves = _element_pointer(context, builder, array_type, array, at, ir.VectorType(ir.HalfType(), 8))
+        return builder.fpext(builder.load(halves, align=2), _F8)
     eight = ir.VectorType(ir.IntType(16), 8)
     bits = builder.zext(builder.load(_element_pointer(context, builder, array_type, array, at, eight), align=2), _V8)
     magnitude = builder.shl(builder.and_(bits, ir.Constant(_V8, [0x7FFF] * 8)), ir.Constant(_V8, [13] * 8))
     magnitude = builder.fmul(builder.bitcast(magnitude, _F8), ir.Constant(_F8, [2.0 ** 112] * 8))
     sign = builder.shl(builder.and_(bits, ir.Constant(_V8, [0x8000] * 8)), ir.Constant(_V8, [16] * 8))
     return builder.bitcast(builder.or_(builder.bitcast(magnitude, _V8), sign), _F8)
+
+
+def _target_has(context, feature: str) -> bool:
+    """Whether the CPU Numba compiles for has `feature` (LLVM's name: "avx2", "f16c"): the host's, or what
+    NUMBA_CPU_FEATURES says (the feature string Numba made its target machine with)."""
+    return f"+{feature}" in context.codegen()._tm_features.split(",")
 
 
 def prefetch(a, i):
@@ -328,67 +338,143 @@ def int8_block(halves, tops, q, d, b, out):
         out[t, b * ROWS:(b + 1) * ROWS] = acc
 
 
-def nibble_sums(nibbles, at, xs, x_at, d, mins, d_at, xsum, acc, c):
-    """acc[c + r] += d[d_at + r] * S[r] + mins[d_at + r] * xsum for the 8 rows r < 8 (float32; d and mins hold fp16
-    bit patterns), where S[r] is the row's group sum over its 16 bytes b_j (Int4x64: byte j of rows c..c+7 at
-    nibbles[at + 64 j], low nibble input j, high nibble input j + 16), split as int4x64_matvec explains:
-        S = sum_j xs[x_at + j] * b_j + xs[x_at + 16 + j] * floor(b_j / 16)
-    with a byte's two terms added first (they nearly cancel: b = lo + 16 hi, so each is up to 16 times what their
-    sum is; kept apart in two sums, the error tripled), into four partial sums, byte j into s_{j mod 4}, added as
-    (s0 + s1) + (s2 + s3).
-    (NumPy; compiled, _nibble_sums_ir: the same numbers.)
+# int4 weights times float32 activations in integers too, with bytes where int8 takes 16-bit halves. A nibble
+# q (0..15) is an unsigned byte, and x86's `vpmaddubsw` multiplies 32 unsigned bytes with 32 signed ones and adds
+# neighbours into 16-bit sums: 32 products per instruction, where the float route (widen, convert, split the
+# byte, two multiply-adds per two weights) was compute-bound on the AMD EPYC Zen 3. So each group of 32
+# activations is written in three signed bytes per element (digits),
+#     x[j] ~ s * (65536 D2[j] + 256 D1[j] + D0[j]),   s = m / DIGITS,  m = max |x| over the group,  each D in -128..127
+# (X = rint(x / s), |X| <= DIGITS = 127 * (65536 + 256 + 1), cut into balanced base-256 digits). The error is
+# at most s / 2 ~ m 2^-24 per element: float32's own rounding of the largest input, so the products stay within
+# the float32 summation-order bound of the tests (measured: 1e-3 of it, where the float route used 6e-3).
+# Each digit's products with a group's nibbles are exact 16-bit sums (|sum| <= 8 * 2 * 15 * 128 = 30720).
 
-    Shapes: nibbles uint8, xs float32, d and mins uint16, contiguous, read flat; acc (64,) float32"""
-    b = nibbles.reshape(-1)[at + ROWS * np.arange(GROUP // 2)[:, None] + np.arange(8)].astype(f32)  # (16, 8)
-    high = np.floor(b * f32(0.0625))
-    x = xs.reshape(-1)[x_at:x_at + GROUP]
-    sums = np.zeros((4, 8), f32)
-    for j in range(GROUP // 2):
-        sums[j % 4] = sums[j % 4] + (x[j] * b[j] + x[GROUP // 2 + j] * high[j])
-    total = (sums[0] + sums[1]) + (sums[2] + sums[3])
+DIGITS = 127 * (65536 + 256 + 1)  # m maps to this integer: the largest three balanced signed bytes hold
+
+
+@njit(fastmath=FAST, cache=True)
+def split_digits(x, digits, steps, sums):
+    """digits[t, g, :, j] = (D2, D1, D0) of x[t, 32g + j] as above, steps[t, g] = s = m / DIGITS (float64 inside,
+    then float32) and sums[t, g] = the group's sum of x (float32, for the minima: sum_j (d q_j + m) x_j).
+
+    A group holding inf or NaN gets s = NaN and zero digits: its products come out NaN.
+    Shapes: x (T, in) float32, digits (T, G, 3, 32) int8, steps, sums (T, G) float32
+    """
+    biased = np.empty(GROUP, np.int32)
+    for t in range(x.shape[0]):
+        for g in range(steps.shape[1]):
+            m, finite, total = f32(0), True, f32(0)
+            for j in range(GROUP):  # loops without branches, over 32 lanes: vector code
+                value = x[t, g * GROUP + j]
+                m = max(m, abs(value))  # exact in float32
+                finite &= math.isfinite(value)
+                total += value
+            sums[t, g] = total
+            steps[t, g] = f32(np.float64(m) / DIGITS) if finite else f32(np.nan)
+            if not finite or m == 0:
+                digits[t, g] = 0
+                continue
+            inverse = DIGITS / np.float64(m)
+            for j in range(GROUP):  # X + 128 (65536 + 256 + 1) is in [0, 2^24): its bytes are D2, D1, D0 + 128 each
+                whole = np.int32(np.rint(np.float64(x[t, g * GROUP + j]) * inverse))  # |X| <= DIGITS
+                biased[j] = (whole + np.int32(128 * (65536 + 256 + 1))) ^ np.int32(0x808080)  # bytes: the digits
+            for k in range(3):
+                for j in range(GROUP):
+                    digits[t, g, 2 - k, j] = np.int8(biased[j] >> np.int32(8 * k))  # its low byte
+
+
+def digit_sums(nibbles, at, digits, x_at, step, d, mins, d_at, xsum, acc, c):
+    """acc[c + r] += (((65536 A2[r] + (256 A1[r] + A0[r])) * step) * d[d_at + r]) + mins[d_at + r] * xsum for the 8
+    rows r < 8 (float32, in this order; d and mins hold fp16 bit patterns), where A_k[r] is the int32 dot product
+    of row r's group of nibbles with the group's digit k: Int4x64's 4 chunks of 8 rows x 4 bytes at nibbles[at +
+    256 i + 4 r + j], low nibble input 4i + j, high nibble 16 + 4i + j (`at` points at the first of the 8 rows);
+    digits[x_at + 32 k + input] (D2, D1, D0: split_digits).
+    (NumPy; compiled, _digit_sums_ir: the same numbers.)
+
+    Shapes: nibbles, digits int8/uint8, d and mins uint16, contiguous, read flat; acc (64,) float32"""
+    rows = nibbles.reshape(-1)[at + 256 * np.arange(4)[:, None, None] + 4 * np.arange(8)[:, None] + np.arange(4)]
+    q = np.concatenate([rows & 15, rows >> 4]).astype(np.int64)  # (8, 8, 4): (low/high, chunk), row, byte
+    x = digits.reshape(-1)[x_at:x_at + 3 * GROUP].astype(np.int64).reshape(3, 2, 4, 4)  # digit, low/high, chunk, j
+    a2, a1, a0 = (np.einsum("irj,ij->r", q, x[k].reshape(8, 4)) for k in range(3))  # exact
+    total = f32(65536) * a2.astype(f32) + (256 * a1 + a0).astype(f32)  # 256 A1 + A0 < 2^24: exact in float32
     scale, low = (a.reshape(-1)[d_at:d_at + 8].view(np.float16).astype(f32) for a in (d, mins))
-    acc[c:c + 8] += scale * total + low * f32(xsum)
+    acc[c:c + 8] += (total * f32(step)) * scale + low * f32(xsum)
 
 
-@intrinsic
-def _nibble_sums_ir(typingctx, nibbles, at, xs, x_at, d, mins, d_at, xsum, acc, c):
-    """nibble_sums as LLVM vector code: the four partial sums stay in registers across the group's 16 bytes.
-    As a Numba loop over a `part` array they went to memory and back on every byte (a store and a reload
-    between one byte's multiply-adds and the next), and the kernel ran 1.18-1.22x slower on the layers' shapes
-    (AMD EPYC Zen 3; the LM head, 262144 x 640, 0.96-1.07x)."""
-    sig = types.void(nibbles, types.int64, xs, types.int64, d, mins, types.int64, types.float32, acc, types.int64)
-
-    def codegen(context, builder, signature, args):
-        nibbles, at, xs, x_at, d, mins, d_at, xsum, acc, c = args
-        nibbles_ty, _, xs_ty, _, d_ty, mins_ty, _, _, acc_ty, _ = signature.args
-        rows = _element_pointer(context, builder, nibbles_ty, nibbles, at, ir.VectorType(ir.IntType(8), 8))
-        x = _element_pointer(context, builder, xs_ty, xs, x_at, ir.FloatType())
-        floor = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F8, [_F8]), "llvm.floor.v8f32")
-        sums = [ir.Constant(_F8, [0.0] * 8)] * 4
-        for j in range(GROUP // 2):
-            b = builder.uitofp(builder.load(builder.gep(rows, [ir.Constant(_I32, j * ROWS // 8)]), align=1), _F8)
-            high = builder.call(floor, [builder.fmul(b, ir.Constant(_F8, [0.0625] * 8))])
-            x_lo, x_hi = (_broadcast(builder, builder.load(builder.gep(x, [ir.Constant(_I32, i)])), _F8)
-                          for i in (j, GROUP // 2 + j))
-            term = builder.fadd(builder.fmul(x_lo, b), builder.fmul(x_hi, high))
-            sums[j % 4] = builder.fadd(sums[j % 4], term)
-        total = builder.fadd(builder.fadd(sums[0], sums[1]), builder.fadd(sums[2], sums[3]))
-        scale, low = _fp16_rows(context, builder, d_ty, d, d_at), _fp16_rows(context, builder, mins_ty, mins, d_at)
-        term = builder.fadd(builder.fmul(scale, total), builder.fmul(low, _broadcast(builder, xsum, _F8)))
-        out = _element_pointer(context, builder, acc_ty, acc, c, _F8)
-        builder.store(builder.fadd(builder.load(out, align=4), term), out, align=4)
-        return context.get_dummy_value()
-
-    return sig, codegen
+_B32, _H16 = ir.VectorType(ir.IntType(8), 32), ir.VectorType(ir.IntType(16), 16)
 
 
-@overload(nibble_sums, inline="always")
-def _nibble_sums_compiled(nibbles, at, xs, x_at, d, mins, d_at, xsum, acc, c):
-    if all(isinstance(a, types.Array) and a.layout == "C" for a in (nibbles, xs, d, mins, acc)) \
-            and (nibbles.dtype, xs.dtype, d.dtype, mins.dtype, acc.dtype) == (
-                types.uint8, types.float32, types.uint16, types.uint16, types.float32):
-        return lambda nibbles, at, xs, x_at, d, mins, d_at, xsum, acc, c: _nibble_sums_ir(
-            nibbles, at, xs, x_at, d, mins, d_at, xsum, acc, c)
+def _byte_pair_sums(builder, unsigned, signed, native: bool):
+    """<32 x i8> unsigned bytes times <32 x i8> signed ones, neighbours added: <16 x i16>. With `native`, x86's
+    `vpmaddubsw` (AVX2), named: LLVM forms it only from a saturating pattern, and it drops the saturation (and
+    then the instruction) when it can prove the sums small, as here. Otherwise the same sums in plain IR, which
+    any CPU computes (they never reach the saturation: 2 * 15 * 128)."""
+    if native:
+        call = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_H16, [_B32, _B32]),
+                                              "llvm.x86.avx2.pmadd.ub.sw")
+        return builder.call(call, [unsigned, signed])
+    products = builder.mul(builder.zext(unsigned, ir.VectorType(ir.IntType(16), 32)),
+                           builder.sext(signed, ir.VectorType(ir.IntType(16), 32)))
+    lanes = [ir.Constant(_V16, list(range(k, 32, 2))) for k in (0, 1)]
+    return builder.add(*(builder.shuffle_vector(products, products, lane) for lane in lanes))
+
+
+def _make_digit_sums_ir(native: bool | None):
+    """digit_sums as LLVM vector code; `native` None: vpmaddubsw where the target has AVX2 (tests force either)."""
+
+    @intrinsic
+    def _digit_sums_ir(typingctx, nibbles, at, digits, x_at, step, d, mins, d_at, xsum, acc, c):
+        """Per chunk i: 32 bytes (8 rows x 4), the low nibbles masked and the high ones shifted down, each times
+        its 4 inputs' digits broadcast (one 32-bit word), 16-bit sums per digit in registers across the group;
+        then per digit the neighbours (a row's two byte pairs) added into int32 (`vpmaddwd` by ones), and the
+        float part in the twin's order."""
+        sig = types.void(nibbles, types.int64, digits, types.int64, types.float32, d, mins, types.int64,
+                         types.float32, acc, types.int64)
+
+        def codegen(context, builder, signature, args):
+            nibbles, at, digits, x_at, step, d, mins, d_at, xsum, acc, c = args
+            nibbles_ty, _, digits_ty, _, _, d_ty, mins_ty, _, _, acc_ty, _ = signature.args
+            use_x86 = _target_has(context, "avx2") if native is None else native
+            chunks = _element_pointer(context, builder, nibbles_ty, nibbles, at, _B32)  # 8 rows x 4 bytes
+            words = _element_pointer(context, builder, digits_ty, digits, x_at, _I32)  # 4 inputs' digits
+            fifteen, four = ir.Constant(_B32, [15] * 32), ir.Constant(_B32, [4] * 32)
+            sums = [ir.Constant(_H16, [0] * 16)] * 3
+            for i in range(4):
+                w = builder.load(builder.gep(chunks, [ir.Constant(_I32, i * 8)]), align=1)  # 256 bytes a chunk
+                halves = (builder.and_(w, fifteen), builder.and_(builder.lshr(w, four), fifteen))
+                for k in range(3):
+                    for high, nibble in enumerate(halves):
+                        word = builder.load(builder.gep(words, [ir.Constant(_I32, 8 * k + 4 * high + i)]))
+                        x = builder.bitcast(_broadcast(builder, word, _V8), _B32)
+                        sums[k] = builder.add(sums[k], _byte_pair_sums(builder, nibble, x, use_x86))
+            even, odd = ir.Constant(_V8, list(range(0, 16, 2))), ir.Constant(_V8, list(range(1, 16, 2)))
+            a2, a1, a0 = (builder.add(*(builder.shuffle_vector(wide, wide, lane) for lane in (even, odd)))
+                          for wide in (builder.sext(s, _V16) for s in sums))
+            low_part = builder.add(builder.mul(a1, ir.Constant(_V8, [256] * 8)), a0)
+            total = builder.fadd(builder.fmul(ir.Constant(_F8, [65536.0] * 8), builder.sitofp(a2, _F8)),
+                                 builder.sitofp(low_part, _F8))
+            scales, lows = (_fp16_rows(context, builder, ty, a, d_at) for ty, a in ((d_ty, d), (mins_ty, mins)))
+            term = builder.fmul(builder.fmul(total, _broadcast(builder, step, _F8)), scales)
+            term = builder.fadd(term, builder.fmul(lows, _broadcast(builder, xsum, _F8)))
+            rows = _element_pointer(context, builder, acc_ty, acc, c, _F8)
+            builder.store(builder.fadd(builder.load(rows, align=4), term), rows, align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return _digit_sums_ir
+
+
+_digit_sums_ir = _make_digit_sums_ir(None)
+
+
+@overload(digit_sums, inline="always")
+def _digit_sums_compiled(nibbles, at, digits, x_at, step, d, mins, d_at, xsum, acc, c):
+    if all(isinstance(a, types.Array) and a.layout == "C" for a in (nibbles, digits, d, mins, acc)) \
+            and (nibbles.dtype, digits.dtype, d.dtype, mins.dtype, acc.dtype) == (
+                types.uint8, types.int8, types.uint16, types.uint16, types.float32):
+        return lambda nibbles, at, digits, x_at, step, d, mins, d_at, xsum, acc, c: _digit_sums_ir(
+            nibbles, at, digits, x_at, step, d, mins, d_at, xsum, acc, c)
     return None
 
 
@@ -396,58 +482,49 @@ def _nibble_sums_compiled(nibbles, at, xs, x_at, d, mins, d_at, xsum, acc, c):
 def int4x64_matvec(x, nibble_s, ds, ms, outs):
     """outs[m][t, 64b + r] = sum_g d[b, g, r] * sum_j q[b, g, j, r] * x[t, 32g + j] + m[b, g, r] * sum_j x[t, 32g + j]
 
-    (Int4x64 @ x, for each matrix of a tuple, as int8x64_matvec.) The minimum m of a group multiplies the sum
-    of its 32 inputs, computed once per token for all rows. The nibbles are split in float32, not with integer
-    masks and shifts (in a Numba loop `byte & 15` is typed as a 64-bit integer, and bytes were widened to 64 bits;
-    a shift and a second conversion in nibble_sums' IR, in a prototype, ran 0.76-0.91x the earlier float loop on
-    the Zen 3): with the byte b as a float, hi = floor(b / 16) and lo = b - 16 hi, so
-        x_lo * lo + x_hi * hi = x_lo * b + (x_hi - 16 x_lo) * hi
-    which is one conversion, one multiply, one rounding and two fused multiply-adds per byte (two weights).
-    x_lo and x_hi - 16 x_lo are made once per token and group (int4_inputs); then per block of 64 rows, group
-    and 8 rows, nibble_sums adds the group's 16 bytes in registers (int4_block). (In 16-bit integers, as the
-    int8 kernel does, it was no faster: docs/kernels.md.)
+    (Int4x64 @ x, for each matrix of a tuple, as int8x64_matvec.) The activations are split into three signed
+    bytes once (split_digits); then per block of 64 rows, group of 32 inputs and 8 rows, digit_sums gives the
+    int32 sums of the nibbles against each digit (vpmaddubsw on x86), and
+        sum_j q x ~ s * (65536 A2 + 256 A1 + A0)
+    in float32, times the rows' scales; the group's minimum m times the sum of its 32 inputs, made once per
+    token for all rows (int4_block). On the AMD EPYC Zen 3 this took 0.65-0.75 of the time of the float route it
+    replaced (docs/kernels.md).
 
-    Shapes: x (T, in), nibble_s[m] (B_m, G, 16, 64) uint8, ds[m], ms[m] (B_m, G, 64) uint16 (fp16 bits),
-            outs[m] (T, B_m*64)
+    Shapes: x (T, in), nibble_s[m] (B_m, G, 4, 64, 4) uint8 (q[b, g, j, r] above is a nibble of
+            nibble_s[m][b, g, (j % 16) // 4, r, j % 4]: the low one for j < 16), ds[m], ms[m] (B_m, G, 64) uint16
+            (fp16 bits), outs[m] (T, B_m*64)
     """
     sizes = np.array([n.shape[0] for n in nibble_s])
-    xs, xsums = int4_inputs(x, nibble_s[0].shape[1])
+    digits, steps, sums = int4_inputs(x, nibble_s[0].shape[1])
     for job in prange(sizes.sum()):
         which, b = _which(sizes, job)
-        int4_block(xs, xsums, nibble_s[which], ds[which], ms[which], b, outs[which])
+        int4_block(digits, steps, sums, nibble_s[which], ds[which], ms[which], b, outs[which])
 
 
 @njit(fastmath=FAST, cache=True)
 def int4_inputs(x, G):
-    """x as int4_block reads it: xs (T, G, 32) float32, per group x_lo (16) then x_hi - 16 x_lo (16), and the
-    group sums xsums (T, G)."""
-    T, half = x.shape[0], GROUP // 2
-    xs = np.empty((T, G, GROUP), f32)
-    xsums = np.empty((T, G), f32)
-    for t in range(T):
-        for g in range(G):
-            total = f32(0)
-            for j in range(half):
-                x_lo, x_hi = x[t, g * GROUP + j], x[t, g * GROUP + j + half]
-                xs[t, g, j] = x_lo
-                xs[t, g, half + j] = x_hi - f32(16) * x_lo
-                total += x_lo + x_hi
-            xsums[t, g] = total
-    return xs, xsums
+    """x as int4_block reads it: digits (T, G, 3, 32) int8, steps and sums (T, G) float32 (split_digits)."""
+    digits = np.empty((x.shape[0], G, 3, GROUP), np.int8)
+    steps, sums = np.empty((x.shape[0], G), f32), np.empty((x.shape[0], G), f32)
+    split_digits(x, digits, steps, sums)
+    return digits, steps, sums
 
 
 @njit(inline="always", fastmath=FAST, cache=True)
-def int4_block(xs, xsums, nibbles, d, m, b, out):
-    """out[t, 64b:64b+64] for every token t: block b of one Int4x64 matrix (nibbles, d, m) times the prepared
+def int4_block(digits, steps, sums, nibbles, d, m, b, out):
+    """out[t, 64b:64b+64] for every token t: block b of one Int4x64 matrix (nibbles, d, m) times the split
     activations. Shapes: as int4x64_matvec, for one matrix"""
-    T, G = xsums.shape
+    T, G = steps.shape
     acc = np.empty(ROWS, f32)
     for t in range(T):
         acc[:] = 0
         for g in range(G):
-            for c in range(0, ROWS, 8):
-                nibble_sums(nibbles, (b * G + g) * (GROUP // 2) * ROWS + c, xs, (t * G + g) * GROUP, d, m,
-                            (b * G + g) * ROWS + c, xsums[t, g], acc, c)
+            at = (b * G + g) * (GROUP // 2) * ROWS  # nibbles[b, g], 1024 bytes
+            for c in range(0, ROWS, 8):  # 8 rows at a time: 3 x 16 16-bit sums, in vector registers
+                prefetch(nibbles, at + AHEAD + 16 * c)  # the 1024 bytes AHEAD of this group's, 128 per pass
+                prefetch(nibbles, at + AHEAD + 16 * c + 64)
+                digit_sums(nibbles, at + 4 * c, digits, (t * G + g) * 3 * GROUP, steps[t, g], d, m,
+                           (b * G + g) * ROWS + c, sums[t, g], acc, c)
         out[t, b * ROWS:(b + 1) * ROWS] = acc
 
 
@@ -462,7 +539,7 @@ def mixed_matvec(x, qs, ds, outs, nibble_s, ds4, ms, outs4):
     sizes8 = np.array([q.shape[0] for q in qs])
     sizes4 = np.array([n.shape[0] for n in nibble_s])
     halves, tops = int8_inputs(x, qs[0].shape[1])
-    xs, xsums = int4_inputs(x, nibble_s[0].shape[1])
+    digits, steps, sums = int4_inputs(x, nibble_s[0].shape[1])
     n8 = sizes8.sum()
     for job in prange(n8 + sizes4.sum()):
         j = np.int64(job)  # signed, as in _which
@@ -471,7 +548,7 @@ def mixed_matvec(x, qs, ds, outs, nibble_s, ds4, ms, outs4):
             int8_block(halves, tops, qs[m], ds[m], b, outs[m])
         else:
             m, b = _which(sizes4, j - n8)
-            int4_block(xs, xsums, nibble_s[m], ds4[m], ms[m], b, outs4[m])
+            int4_block(digits, steps, sums, nibble_s[m], ds4[m], ms[m], b, outs4[m])
 
 
 @njit(parallel=True, fastmath=FAST, cache=True)
@@ -723,7 +800,8 @@ def int8x64_tile(q, d, b0, out):
 def int4x64_tile(nibbles, d, m, b0, out):
     """Blocks b0.. of an Int4x64 matrix as float32, transposed: out[32g + j, 64(b - b0) + r] = d * q + m.
 
-    Shapes: nibbles (B, G, 16, 64) uint8, d, m (B, G, 64) uint16, out (in, nb*64) float32
+    Shapes: nibbles (B, G, 4, 64, 4) uint8 (byte 4i + k of a row's group at [b, g, i, r, k]), d, m (B, G, 64)
+            uint16, out (in, nb*64) float32
     """
     G = nibbles.shape[1]
     half = GROUP // 2
@@ -734,11 +812,13 @@ def int4x64_tile(nibbles, d, m, b0, out):
         for g in range(G):
             fp16_to_f32(d[b, g], scale)
             fp16_to_f32(m[b, g], low)
-            for j in range(half):
-                for r in range(ROWS):
-                    byte = nibbles[b, g, j, r]
-                    out[g * GROUP + j, n * ROWS + r] = scale[r] * f32(byte & np.uint8(15)) + low[r]
-                    out[g * GROUP + j + half, n * ROWS + r] = scale[r] * f32(byte >> np.uint8(4)) + low[r]
+            for i in range(half // 4):
+                for k in range(4):
+                    j = 4 * i + k
+                    for r in range(ROWS):
+                        byte = nibbles[b, g, i, r, k]
+                        out[g * GROUP + j, n * ROWS + r] = scale[r] * f32(byte & np.uint8(15)) + low[r]
+                        out[g * GROUP + j + half, n * ROWS + r] = scale[r] * f32(byte >> np.uint8(4)) + low[r]
 
 
 # ---- attention ------------------------------------------------------------------------------------------------

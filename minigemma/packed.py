@@ -20,28 +20,30 @@ from .weights import GROUP, Int4, Int8
 
 # A matrix-vector product over Int8 walks one row at a time: per group, 32 products summed into one number.
 # That horizontal sum is what a CPU does worst; the obvious Numba loop reads int8 weights at ~4 GB/s. The
-# packed layouts below store 64 output rows side by side ("interleaved"): for group g and element j, the 64
-# weights of rows 64b..64b+63 are 64 consecutive bytes (Int4x64; Int8x64 in pairs, below). The int4 kernel's
-# innermost loop then runs across those 64 rows with one input value broadcast: 64 independent sums, no
-# horizontal sum, one cache line per step; the int8 kernel's takes 8 rows x 2 inputs per load (kernels_numba.py).
+# packed layouts below store 64 output rows side by side ("interleaved"): for group g, the weights of rows
+# 64b..64b+63 for one element (or a few) are consecutive bytes. The kernels' innermost loops then run across
+# rows with the inputs broadcast: independent sums per row, no horizontal sum, whole cache lines per step.
 # Same bytes per weight as the unpacked form: the scales stay fp16, only reordered.
 # Rows are padded with zeros up to a multiple of 64 (never needed for Gemma's shapes); `shape` is the
 # logical one.
-# Int8x64 also keeps each row's inputs in pairs: element 2p and 2p + 1 of a row are adjacent bytes, and one
-# 16-byte load holds 8 rows x 2 inputs, what a 16-bit multiply-add of pairs (x86's vpmaddwd) takes
-# (kernels_numba.pair_sums).
+# Within the rows, a few of each row's bytes stay side by side, as many as a multiply-add of neighbours takes:
+# Int8x64 keeps element 2p and 2p + 1 of a row as adjacent bytes, so one 16-byte load holds 8 rows x 2 inputs,
+# what x86's vpmaddwd takes (16-bit pairs; kernels_numba.pair_sums); Int4x64 keeps 4 bytes of a row (8
+# weights) together, so one 32-byte load holds 8 rows x 4 bytes, what vpmaddubsw takes (byte pairs;
+# kernels_numba.digit_sums).
 
 ROWS = 64  # output rows interleaved in one block of the packed layouts
 
 
-def _interleave(a: np.ndarray, blocks: int, pairs: bool = False) -> np.ndarray:
+def _interleave(a: np.ndarray, blocks: int, side: int = 1) -> np.ndarray:
     """(out, G, ...) -> (blocks, G, ..., 64): row 64b + r goes to [b, ..., r]. Rows past `out` are zeros.
-    With `pairs`, (out, G, 32) -> (blocks, G, 16, 64, 2): element 2p + k of a row goes to [b, g, p, r, k].
+    With `side` n > 1, (out, G, E) -> (blocks, G, E/n, 64, n): element n i + k of a row goes to [b, g, i, r, k]
+    (Int8x64: n = 2 over 32 elements; Int4x64: n = 4 over 16 bytes).
 
     Copies a few blocks at a time into the preallocated result, so packing a Q8_0 view of a memory-mapped
     file never makes a second full-size temporary."""
     rest = a.shape[1:]
-    layout = rest[:-1] + (GROUP // 2, ROWS, 2) if pairs else rest + (ROWS,)
+    layout = rest[:-1] + (rest[-1] // side, ROWS, side) if side > 1 else rest + (ROWS,)
     packed = np.zeros((blocks,) + layout, a.dtype)
     step = 256  # blocks per copy: 16k rows
     for b0 in range(0, blocks, step):
@@ -52,7 +54,7 @@ def _interleave(a: np.ndarray, blocks: int, pairs: bool = False) -> np.ndarray:
             part = np.concatenate([part, np.zeros((full - len(part),) + rest, a.dtype)])
         part = part.reshape((b1 - b0, ROWS) + rest)  # (nb, 64, G, ...)
         part = np.moveaxis(part, 1, -1)  # (nb, 64, G, ...) -> (nb, G, ..., 64)
-        packed[b0:b1] = _paired(part) if pairs else part
+        packed[b0:b1] = _side_by_side(part, side) if side > 1 else part
         release_pages(a[b0 * ROWS:b1 * ROWS])  # read once: a view of a mapped file need not stay in memory
     return packed
 
@@ -80,14 +82,14 @@ def release_pages(view: np.ndarray) -> None:
         root.base.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
-def _paired(a: np.ndarray) -> np.ndarray:
-    """(..., 32, 64) -> (..., 16, 64, 2): [..., 2p + k, r] goes to [..., p, r, k] (a view)."""
-    return np.swapaxes(a.reshape(a.shape[:-2] + (GROUP // 2, 2, ROWS)), -1, -2)
+def _side_by_side(a: np.ndarray, n: int) -> np.ndarray:
+    """(..., E, 64) -> (..., E/n, 64, n): [..., n i + k, r] goes to [..., i, r, k] (a view)."""
+    return np.swapaxes(a.reshape(a.shape[:-2] + (a.shape[-2] // n, n, ROWS)), -1, -2)
 
 
-def _unpaired(a: np.ndarray) -> np.ndarray:
-    """The inverse of _paired (a copy): (..., 16, 64, 2) -> (..., 32, 64)."""
-    return np.swapaxes(a, -1, -2).reshape(a.shape[:-3] + (GROUP, ROWS))
+def _apart(a: np.ndarray) -> np.ndarray:
+    """The inverse of _side_by_side (a copy): (..., E/n, 64, n) -> (..., E, 64)."""
+    return np.swapaxes(a, -1, -2).reshape(a.shape[:-3] + (a.shape[-3] * a.shape[-1], ROWS))
 
 
 def _deinterleave(a: np.ndarray, start: int, stop: int) -> np.ndarray:
@@ -127,7 +129,7 @@ class Int8x64:
         """Shapes: -> (stop - start, in) float32"""
         b0, b1 = start // ROWS, -(-stop // ROWS)  # only the blocks asked for are unpaired (copied)
         start, stop = start - b0 * ROWS, stop - b0 * ROWS
-        q, d = _unpaired(self.q[b0:b1]), self.d[b0:b1]
+        q, d = _apart(self.q[b0:b1]), self.d[b0:b1]
         return Int8(_deinterleave(q, start, stop), _deinterleave(d, start, stop)).rows(0, stop - start)
 
     def take(self, ids: np.ndarray) -> np.ndarray:
@@ -140,15 +142,16 @@ class Int8x64:
     @classmethod
     def pack(cls, w: Int8) -> "Int8x64":
         blocks = -(-w.shape[0] // ROWS)
-        return cls(_interleave(w.q, blocks, pairs=True), _interleave(w.d, blocks), w.shape[0])
+        return cls(_interleave(w.q, blocks, side=2), _interleave(w.d, blocks), w.shape[0])
 
 
 @dataclass
 class Int4x64:
-    """Int4 with 64 rows interleaved: byte nibbles[b, g, j, r] holds elements 32g + j (low nibble) and
-    32g + j + 16 (high nibble) of row 64b + r; that row's group g has scale d[b, g, r] and minimum m[b, g, r]."""
+    """Int4 with 64 rows interleaved and 4 bytes of a row side by side: byte nibbles[b, g, c, r, k] holds elements
+    32g + 4c + k (low nibble) and 32g + 16 + 4c + k (high nibble) of row 64b + r (Int4's byte 4c + k of the
+    group); that row's group g has scale d[b, g, r] and minimum m[b, g, r]."""
 
-    nibbles: np.ndarray  # (out/64, in/32, 16, 64) uint8
+    nibbles: np.ndarray  # (out/64, in/32, 4, 64, 4) uint8
     d: np.ndarray  # (out/64, in/32, 64) float16
     m: np.ndarray  # (out/64, in/32, 64) float16
     out_rows: int
@@ -168,15 +171,20 @@ class Int4x64:
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Shapes: -> (stop - start, in) float32"""
-        return Int4(*(_deinterleave(a, start, stop) for a in (self.nibbles, self.d, self.m))).rows(0, stop - start)
+        b0, b1 = start // ROWS, -(-stop // ROWS)  # only the blocks asked for are taken apart (copied)
+        start, stop = start - b0 * ROWS, stop - b0 * ROWS
+        nibbles, d, m = _apart(self.nibbles[b0:b1]), self.d[b0:b1], self.m[b0:b1]
+        return Int4(*(_deinterleave(a, start, stop) for a in (nibbles, d, m))).rows(0, stop - start)
 
     def take(self, ids: np.ndarray) -> np.ndarray:
         """Rows `ids` as float32. Shapes: (T,) -> (T, in)"""
         ids = np.asarray(ids)
         b, r = ids // ROWS, ids % ROWS
-        return Int4(self.nibbles[b, :, :, r], self.d[b, :, r], self.m[b, :, r]).rows(0, len(ids))
+        nibbles = self.nibbles[b, :, :, r, :].reshape(len(ids), -1, GROUP // 2)  # (T, G, 4, 4) -> (T, G, 16)
+        return Int4(nibbles, self.d[b, :, r], self.m[b, :, r]).rows(0, len(ids))
 
     @classmethod
     def pack(cls, w: Int4) -> "Int4x64":
         blocks = -(-w.shape[0] // ROWS)
-        return cls(_interleave(w.nibbles, blocks), _interleave(w.d, blocks), _interleave(w.m, blocks), w.shape[0])
+        return cls(_interleave(w.nibbles, blocks, side=4), _interleave(w.d, blocks), _interleave(w.m, blocks),
+                   w.shape[0])

@@ -235,42 +235,86 @@ def test_pair_sums_compiled_equals_its_numpy_twin(seed, row, extreme, m):
         assert np.array_equal(np.delete(twin, np.s_[row:row + 8]), np.delete(before, np.s_[row:row + 8]))
 
 
+digit_sums_generic_ir = kernels_numba._make_digit_sums_ir(native=False)  # what a CPU without AVX2 gets
+
+
 @numba.njit(cache=False)
-def nibble_sums_compiled(nibbles, at, xs, x_at, d, mins, d_at, xsum, acc, c):
-    kernels_numba.nibble_sums(nibbles, at, xs, x_at, d, mins, d_at, xsum, acc, c)
+def digit_sums_compiled(nibbles, at, digits, x_at, step, d, mins, d_at, xsum, acc, c):
+    kernels_numba.digit_sums(nibbles, at, digits, x_at, step, d, mins, d_at, xsum, acc, c)
+
+
+@numba.njit(cache=False)
+def digit_sums_generic(nibbles, at, digits, x_at, step, d, mins, d_at, xsum, acc, c):
+    digit_sums_generic_ir(nibbles, at, digits, x_at, step, d, mins, d_at, xsum, acc, c)
 
 
 @settings(max_examples=30, deadline=None)
-@given(seed=st.integers(0, 2**16), row=st.sampled_from([0, 8, 56]), extreme=st.booleans())
-def test_nibble_sums_compiled_equals_its_numpy_twin(seed, row, extreme):
-    """The int4 kernel's vector code (_nibble_sums_ir; here without fastmath, which inside the kernel may fuse a
-    multiply and an add) gives the same float32 bits as its NumPy twin: the same float operations in the same
-    order. With `extreme`, bytes 0 and 255 only (nibbles 0 and 15). Against float64, the group's products
-    d * sum_j q x + m * sum_j x within float32 rounding."""
+@given(seed=st.integers(0, 2**16), row=st.sampled_from([0, 8, 56]), extreme=st.booleans(),
+       step=st.sampled_from([1e-7, 1e-42, 3e23]))
+def test_digit_sums_compiled_equals_its_numpy_twin(seed, row, extreme, step):
+    """The int4 kernel's vector code (_digit_sums_ir, what `digit_sums` compiles to: vpmaddubsw on a CPU with AVX2;
+    and the plain IR a CPU without it gets; here without fastmath, which inside the kernel may fuse a multiply and
+    an add) gives the same float32 bits as its NumPy twin: the integer sums are exact, then the same float
+    operations in the same order. With `extreme`, the largest magnitudes the kernel can meet (nibbles 15, digits
+    -128), where its 16-bit sums come closest to overflowing. Against float64, the group's
+    d * s * sum_j q X + m * sum_j x within float32 rounding, for any step s."""
     rng = np.random.default_rng(seed)
     G = 3
-    nibbles = rng.integers(0, 256, (2, G, 16, 64)).astype(np.uint8)
+    nibbles = rng.integers(0, 256, (2, G, 4, 64, 4)).astype(np.uint8)
+    digits = rng.integers(-128, 128, (G, 3, 32)).astype(np.int8)
     if extreme:
-        nibbles[...] = rng.choice(np.array([0, 255], np.uint8), nibbles.shape)
-    x = rng.standard_normal((G, 32)).astype(np.float32)
-    xs = np.concatenate([x[:, :16], x[:, 16:] - np.float32(16) * x[:, :16]], axis=1)  # as int4x64_matvec makes it
+        nibbles[...], digits[...] = 255, -128
     d = (rng.random((2, G, 64)) * 0.01).astype(np.float16).view(np.uint16)
     mins = (-rng.random((2, G, 64)) * 0.08).astype(np.float16).view(np.uint16)
+    step = np.float32(step * rng.uniform(0.5, 2))
     for b, g in ((0, 0), (1, G - 1)):
-        xsum = np.float32(x[g].sum(dtype=np.float32))
-        args = (nibbles, (b * G + g) * 1024 + row, xs, g * 32, d, mins, (b * G + g) * 64 + row, xsum)
+        xsum = np.float32(rng.standard_normal())
+        args = (nibbles, (b * G + g) * 1024 + 4 * row, digits, g * 96, step, d, mins, (b * G + g) * 64 + row, xsum)
         rows = slice(row, row + 8)
-        q = np.concatenate([nibbles[b, g, :, rows] & 15, nibbles[b, g, :, rows] >> 4]).astype(np.float64)  # (32, 8)
+        block = nibbles[b, g, :, rows, :].transpose(1, 0, 2).reshape(8, 16)  # (row, byte 4i + k)
+        q = np.concatenate([block & 15, block >> 4], axis=1).astype(np.float64)  # (row, input)
+        whole = digits[g].astype(np.float64).T @ np.array([65536.0, 256.0, 1.0])  # (input,): X
         scale, low = (a[b, g, rows].view(np.float16).astype(np.float64) for a in (d, mins))
-        expected = scale * (x[g].astype(np.float64) @ q) + low * x[g].astype(np.float64).sum()
-        before = rng.standard_normal(64).astype(np.float32) * np.float32(1e-3)
-        ours, twin = before.copy(), before.copy()
-        nibble_sums_compiled(*args, ours, row)
-        kernels_numba.nibble_sums(*args, twin, row)
-        assert np.array_equal(ours, twin)
-        magnitude = scale * (np.abs(x[g]).astype(np.float64) @ q) + np.abs(low) * np.abs(x[g]).sum()
-        assert np.all(np.abs((twin[rows] - before[rows]) - expected) <= 64 * 2.0**-24 * magnitude + 1e-9)
+        expected = scale * float(step) * (q @ whole) + low * float(xsum)
+        before = (rng.standard_normal(64) * np.abs(expected).max() / 4096).astype(np.float32)
+        ours, generic, twin = before.copy(), before.copy(), before.copy()
+        digit_sums_compiled(*args, ours, row)
+        digit_sums_generic(*args, generic, row)
+        kernels_numba.digit_sums(*args, twin, row)
+        assert np.array_equal(ours, twin) and np.array_equal(generic, twin)
+        magnitude = scale * float(step) * (q @ np.abs(whole)) + np.abs(low * float(xsum))
+        assert np.all(np.abs((twin[rows] - before[rows]).astype(np.float64) - expected)
+                      <= 8 * 2.0**-24 * magnitude + np.abs(before[rows]) * 2.0**-23)
         assert np.array_equal(np.delete(twin, np.s_[row:row + 8]), np.delete(before, np.s_[row:row + 8]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), spread=st.sampled_from([0.0, 1.0, 8.0]), zeros=st.booleans())
+def test_split_digits_hold_each_input_to_half_a_step(seed, spread, zeros):
+    """x ~ s (65536 D2 + 256 D1 + D0) per group of 32, each digit in [-128, 127], s = m / DIGITS: the error is at
+    most s / 2 (m = the group's largest |x|), and the group's largest input is exactly DIGITS steps; the sums are
+    the groups' sums (float32, in any order); an all-zero group, and a group holding inf or NaN (s NaN, digits 0)."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((3, 96)) * np.exp(spread * rng.standard_normal((3, 96)))).astype(np.float32)
+    if zeros:
+        x[1, 32:64] = 0
+    x[2, 70] = rng.choice([np.inf, -np.inf, np.nan])
+    digits, steps, sums = np.empty((3, 3, 3, 32), np.int8), np.empty((3, 3), np.float32), np.empty((3, 3), np.float32)
+    kernels_numba.split_digits(x, digits, steps, sums)
+    groups = x.reshape(3, 3, 32)
+    assert np.isnan(steps[2, 2]) and np.all(digits[2, 2] == 0)
+    m = np.abs(groups.astype(np.float64)).max(-1)
+    m[2, 2], steps[2, 2] = 0, 0
+    assert np.array_equal(steps, (m / kernels_numba.DIGITS).astype(np.float32))
+    whole = digits.astype(np.float64).transpose(0, 1, 3, 2) @ np.array([65536.0, 256.0, 1.0])  # (3, 3, 32)
+    exact = groups.astype(np.float64) * (kernels_numba.DIGITS / np.where(m > 0, m, 1))[..., None]
+    exact[2, 2] = 0
+    assert np.all(np.abs(whole - exact) <= 0.5 + 1e-6)  # rint, after a float64 product
+    assert np.all(np.abs(whole).max(-1)[m > 0] == kernels_numba.DIGITS)
+    finite = np.isfinite(sums)
+    assert not finite[2, 2] and finite.sum() == 8
+    exact_sums = groups.astype(np.float64).sum(-1)[finite]  # float32 in any order: within 32 eps sum |x|
+    assert np.all(np.abs(sums[finite] - exact_sums) <= 32 * EPS * np.abs(groups).astype(np.float64).sum(-1)[finite])
 
 
 @numba.njit(cache=False)
@@ -578,7 +622,7 @@ def test_tiny_models_same_on_both_backends(model_type, kind):
 def test_numba_kernels_run_as_plain_python(kind):
     """NUMBA_DISABLE_JIT=1 (to step through a kernel in a debugger) runs the same code as Python: the int8
     kernel with the NumPy versions of pair_sums and prefetch in place of their LLVM code, the int4 kernel with
-    nibble_sums', and both in mixed_matvec."""
+    digit_sums', and both in mixed_matvec."""
     script = r"""
 import json, sys
 import numpy as np
