@@ -6,7 +6,7 @@ back on it), never the dispatcher. Only these get a twin:
 
     linear(x, w)        one-token products (decode): a matrix-vector kernel per weight type (float32,
                         bfloat16/float16, and int8/int4 in the packed layouts of packed.py, Int8x64 and
-                        Int4x64), reading each weight once (int8: products in 16-bit integers)
+                        Int4x64), reading each weight once (int8 and int4: products in integers)
                         many-token products (prefill): weights dequantized a cache-sized tile at a time
                         into float32, then BLAS sgemm (x @ tile): a hand-written GEMM rarely beats BLAS
     linears(x, *ws)     q, k, v (or gate, up) of a decode step: one matrix-vector kernel call over all of them
@@ -29,16 +29,18 @@ Rules the kernels follow (docs/kernels.md):
   * each has a header with the math and the shapes, like the NumPy twin it mirrors;
   * `prange` only over independent outputs (blocks of rows, heads); no exceptions or globals inside;
   * arithmetic is float32 (exceptions: rms_norm_rows sums its squares in float64; int8 decode multiplies
-    16-bit integer halves of the activations, exact in int32, then goes on in float32: split_activations);
+    16-bit integer halves of the activations and int4 decode their three signed bytes, exact in integers,
+    then goes on in float32: split_activations, split_digits);
   * no LLVM code written by hand except where Numba's loops do not reach the instructions: `pair_sums`
-    (`vpmaddwd`), `prefetch` and `widen_pair` (stride-2 bytes), each a NumPy function that a compiled kernel
-    gets as LLVM IR (@overload);
+    (`vpmaddwd`), `digit_sums` (`vpmaddubsw`, named where the CPU has AVX2: the one x86 instruction named),
+    `prefetch` and `widen_pair` (stride-2 bytes), each a NumPy function that a compiled kernel gets as LLVM IR
+    (@overload);
   * fastmath is limited to reassociation and contraction (FMA): sums may be reordered (float32 summation
     order tolerance), but -inf, NaN and division keep their meaning (the attention mask relies on -inf);
   * `cache=True`: compiled once, stored in __pycache__, reloaded by later processes.
 
-NUMBA_DISABLE_JIT=1 turns every kernel back into plain Python over NumPy arrays (pair_sums, prefetch and
-widen_pair into their NumPy versions): slow, but a debugger can step through it line by line (docs/kernels.md).
+NUMBA_DISABLE_JIT=1 turns every kernel back into plain Python over NumPy arrays (pair_sums, digit_sums,
+prefetch and widen_pair into their NumPy versions): slow, but a debugger can step through it line by line (docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -375,9 +377,11 @@ def split_digits(x, digits, steps, sums):
                 digits[t, g] = 0
                 continue
             inverse = DIGITS / np.float64(m)
-            for j in range(GROUP):  # X + 128 (65536 + 256 + 1) is in [0, 2^24): its bytes are D2, D1, D0 + 128 each
-                whole = np.int32(np.rint(np.float64(x[t, g * GROUP + j]) * inverse))  # |X| <= DIGITS
-                biased[j] = (whole + np.int32(128 * (65536 + 256 + 1))) ^ np.int32(0x808080)  # bytes: the digits
+            # X + 128 (65536 + 256 + 1) is in [0, 2^24), and its three bytes are D2 + 128, D1 + 128, D0 + 128; a
+            # byte b XOR 128, read as a signed byte, is b - 128: so the bytes of that XOR 0x808080 are the digits
+            for j in range(GROUP):
+                whole = np.int32(np.rint(np.float64(x[t, g * GROUP + j]) * inverse))  # X, |X| <= DIGITS
+                biased[j] = (whole + np.int32(128 * (65536 + 256 + 1))) ^ np.int32(0x808080)
             for k in range(3):
                 for j in range(GROUP):
                     digits[t, g, 2 - k, j] = np.int8(biased[j] >> np.int32(8 * k))  # its low byte
@@ -805,6 +809,7 @@ def int4x64_tile(nibbles, d, m, b0, out):
     """
     G = nibbles.shape[1]
     half = GROUP // 2
+    words = nibbles.reshape(nibbles.shape[:3] + (ROWS * 4,)).view(np.uint32)  # (B, G, 4, 64): a row's 4 bytes
     for n in range(out.shape[1] // ROWS):
         b = b0 + n
         scale = np.empty(ROWS, f32)
@@ -813,12 +818,12 @@ def int4x64_tile(nibbles, d, m, b0, out):
             fp16_to_f32(d[b, g], scale)
             fp16_to_f32(m[b, g], low)
             for i in range(half // 4):
-                for k in range(4):
+                for k in range(4):  # byte k of each row's word: inputs 4i + k (low nibble) and 16 + 4i + k
                     j = 4 * i + k
-                    for r in range(ROWS):
-                        byte = nibbles[b, g, i, r, k]
-                        out[g * GROUP + j, n * ROWS + r] = scale[r] * f32(byte & np.uint8(15)) + low[r]
-                        out[g * GROUP + j + half, n * ROWS + r] = scale[r] * f32(byte >> np.uint8(4)) + low[r]
+                    for r in range(ROWS):  # across the rows: vector code
+                        byte = (words[b, g, i, r] >> np.uint32(8 * k)) & np.uint32(255)
+                        out[g * GROUP + j, n * ROWS + r] = scale[r] * f32(byte & np.uint32(15)) + low[r]
+                        out[g * GROUP + j + half, n * ROWS + r] = scale[r] * f32(byte >> np.uint32(4)) + low[r]
 
 
 # ---- attention ------------------------------------------------------------------------------------------------
