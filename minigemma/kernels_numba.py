@@ -50,6 +50,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import numba
@@ -1056,7 +1057,7 @@ def linear(x: np.ndarray, w) -> np.ndarray:
             return _packed_matvecs(x, (w,))[0]
         out = np.empty((T, _width(w)), f32)
         _tiled_matmul(x, w, out)
-        return _logical(out, w)
+        return _logical(out, w.out_rows)
     if isinstance(w, LoRA):  # the frozen base through its kernel, plus the small low-rank branch (NumPy)
         return linear(x, w.base) + reference.lora_update(x, w)
     if isinstance(w, np.ndarray):
@@ -1091,22 +1092,49 @@ PACKED = (Int8x64, Int4x64)
 
 def _packed_matvecs(x: np.ndarray, ws) -> list:
     """x @ w.T for Int8x64 and Int4x64 matrices through one matrix-vector kernel call: int8x64_matvec,
-    int4x64_matvec, or mixed_matvec for a mix of the two. x is float32 and contiguous. Shapes: as linears
+    int4x64_matvec, or mixed_matvec for a mix of the two. x is float32 and contiguous. Shapes: as linears"""
+    return _matvec_call(ws)(x)
 
-    Written for a decode step, which makes ~70 of these calls a token: the Python around a kernel call cost
-    ~15 us in a step against 5-10 on its own on an AMD EPYC Zen 3 (every object it touches was pushed out of the
-    caches by the weights streamed since), so this touches few: each matrix's arrays are made once (kernel_arrays)."""
-    arrays = [w.kernel_arrays for w in ws]
-    outs = tuple([np.empty((x.shape[0], _width(w)), f32) for w in ws])
-    int8 = [type(w) is Int8x64 for w in ws]
-    if all(int8):
-        _run(int8x64_matvec, x, *_each(arrays, 2), outs)
-    elif not any(int8):
-        _run(int4x64_matvec, x, *_each(arrays, 3), outs)
-    else:
-        (a8, o8), (a4, o4) = _kind(arrays, outs, int8, True), _kind(arrays, outs, int8, False)
-        _run(mixed_matvec, x, *_each(a8, 2), o8, *_each(a4, 3), o4)
-    return [_logical(out, w) for out, w in zip(outs, ws)]
+
+class _MatvecCall:
+    """One matrix-vector kernel call for a tuple of packed matrices: which kernel, its weight arguments (each
+    matrix's kernel_arrays, gathered into the kernel's tuples), the outputs' widths in the kernel's order (int8
+    matrices first) and where each product goes back.
+
+    Made once per tuple and kept with its first matrix (_matvec_call), because a decode step makes the same ~70
+    calls every token: building the arguments each time was 6-12 us of Python per call on an AMD EPYC Zen 3, more
+    inside a step than on its own (the weights streamed between two calls push the objects touched out of the
+    caches), and for q, k and v of an int4 load (int4 and int8 mixed) more still (docs/kernels.md)."""
+
+    def __init__(self, ws):
+        order = [i for i, w in enumerate(ws) if type(w) is Int8x64] + [i for i, w in enumerate(ws)
+                                                                          if type(w) is Int4x64]
+        self.split = sum(type(w) is Int8x64 for w in ws)  # outputs of int8 matrices, before the int4 ones
+        int8, int4 = ([ws[i].kernel_arrays for i in at] for at in (order[:self.split], order[self.split:]))
+        self.kernel = mixed_matvec if int8 and int4 else int8x64_matvec if int8 else int4x64_matvec
+        self.weights = (_each(int8, 2) if int8 else ()) + (_each(int4, 3) if int4 else ())
+        self.widths = [_width(ws[i]) for i in order]
+        self.back = [(order.index(i), w.out_rows) for i, w in enumerate(ws)]  # each product: position, rows
+        self.others = [weakref.ref(w) for w in ws[1:]]  # to tell these matrices from later ones at the same ids
+
+    def __call__(self, x: np.ndarray) -> list:
+        outs = tuple([np.empty((x.shape[0], width), f32) for width in self.widths])
+        if self.kernel is mixed_matvec:
+            _run(mixed_matvec, x, *self.weights[:2], outs[:self.split], *self.weights[2:], outs[self.split:])
+        else:
+            _run(self.kernel, x, *self.weights, outs)
+        return [_logical(outs[at], rows) for at, rows in self.back]
+
+
+def _matvec_call(ws) -> _MatvecCall:
+    """The _MatvecCall of this tuple of matrices, made on first use and kept in the first one's __dict__ (as
+    kernel_arrays is), by the ids of the others."""
+    calls = ws[0].__dict__.setdefault("matvec_calls", {})
+    key = tuple([id(w) for w in ws[1:]])
+    call = calls.get(key)
+    if call is None or any(ref() is not w for ref, w in zip(call.others, ws[1:])):
+        call = calls[key] = _MatvecCall(ws)
+    return call
 
 
 def _each(arrays: list, n: int) -> tuple:
@@ -1114,19 +1142,14 @@ def _each(arrays: list, n: int) -> tuple:
     return tuple([tuple([a[i] for a in arrays]) for i in range(n)])
 
 
-def _kind(arrays: list, outs: tuple, int8: list, want: bool) -> tuple:
-    """The kernel arrays of the int8 matrices (want True) or the int4 ones (False), and their outputs."""
-    return [a for a, i in zip(arrays, int8) if i == want], tuple([o for o, i in zip(outs, int8) if i == want])
-
-
 def _width(w) -> int:
     """Rows of a packed matrix as stored: whole blocks of 64."""
     return (w.q if isinstance(w, Int8x64) else w.nibbles).shape[0] * ROWS
 
 
-def _logical(out: np.ndarray, w) -> np.ndarray:
-    """A product with a packed matrix without its padding rows (none for Gemma's shapes)."""
-    return out if out.shape[1] == w.out_rows else np.ascontiguousarray(out[:, :w.out_rows])
+def _logical(out: np.ndarray, rows: int) -> np.ndarray:
+    """A product with a packed matrix without its padding rows (none for Gemma's shapes): its first `rows`."""
+    return out if out.shape[1] == rows else np.ascontiguousarray(out[:, :rows])
 
 
 def _tiled_matmul(x: np.ndarray, w, out: np.ndarray) -> None:

@@ -72,6 +72,23 @@ def test_linear_equals_numpy(kind, out, groups, tokens, seed, small_tiles):
     assert np.all(np.abs(ours - ref) <= width * EPS * magnitude + 1e-30)
 
 
+def test_matvec_calls_are_made_once_and_follow_their_matrices():
+    """A tuple of packed matrices gets its kernel call made once (kept with its first matrix); a later tuple
+    whose matrices differ, even one made after another was freed (it may reuse the freed one's id), gets its own,
+    and the right products."""
+    rng = np.random.default_rng(4)
+    q, v = (make_weight(kind, rng.standard_normal((128, 64)).astype(np.float32)) for kind in ("int4x64", "int8x64"))
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    for _ in range(3):
+        k = make_weight("int4x64", rng.standard_normal((64, 64)).astype(np.float32))
+        call = kernels_numba._matvec_call((q, k, v))
+        assert kernels_numba._matvec_call((q, k, v)) is call
+        for w, product in zip((q, k, v), kernels_numba.linears(x, q, k, v)):
+            assert np.array_equal(product, kernels_numba.linear(x, w))
+            assert np.allclose(product, numpy_linear(x, w), rtol=1e-4, atol=1e-4)
+        del k, call  # the next k may be made at the same address
+
+
 @settings(max_examples=30, deadline=None)
 @given(kinds=st.lists(st.sampled_from(["int8x64", "int4x64", "float32", None]), min_size=1, max_size=4),
        outs=st.lists(st.integers(1, 200), min_size=4, max_size=4), groups=st.integers(1, 4),
