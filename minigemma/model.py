@@ -24,19 +24,20 @@ from .kvcache import KVCache, LayerCache
 from .layers import (embed, experts, mlp, per_layer_branch, per_layer_inputs, proportional_rope_angles,
                      rope_angles, route, softcap)
 from .params import LayerParams, Params, params_nbytes
-from .recording import record
+from .recording import record, recording
 
 
 def self_attention(x, p: LayerParams, c: GemmaConfig, ops: kernels.Backend, layer: int, rope, window,
-                   kv: LayerCache, positions):
+                   kv: LayerCache, positions, keep=slice(None)):
     """Project to heads, (Gemma 3/4: QK-norm), rotate, cache, attend (over the last `window` positions, or all
-    with None), project back.
+    with None), project back. Every position's keys and values go to the cache; the queries of the positions
+    `keep` (all, or the last: see forward) attend and come out.
 
     Gemma 4 also normalises V (no gain), and on some layers computes no K/V at all (KV sharing: it attends
     over what its source layer wrote into the cache in this pass) or takes V from the K projection
     (attention_k_eq_v). H, K, Dh are this layer's.
 
-    Shapes: (T, D) -> (T, D)
+    Shapes: (T, D) -> (Tq, D), Tq = the positions kept
     """
     T, H, K, Dh = x.shape[0], c.num_attention_heads, c.layer_kv_heads(layer), c.layer_head_dim(layer)
     eps = c.rms_norm_eps
@@ -44,11 +45,13 @@ def self_attention(x, p: LayerParams, c: GemmaConfig, ops: kernels.Backend, laye
     # not have is None and gives None (Gemma 4: neither k_proj nor v_proj on KV-shared layers, no v_proj with
     # attention_k_eq_v)
     q, k, v = ops.linears(x, p.q_proj, p.k_proj, p.v_proj)
-    q = q.reshape(T, H, Dh).transpose(1, 0, 2)  # (T, H*Dh) -> (H, T, Dh)
+    q, q_positions = q[keep], positions[keep]  # the queries that go on
+    Tq = q.shape[0]
+    q = q.reshape(Tq, H, Dh).transpose(1, 0, 2)  # (Tq, H*Dh) -> (H, Tq, Dh)
     if c.qk_norm:  # Gemma 3/4 normalise every head before RoPE (transformers Gemma3Attention)
         q = ops.rms_norm(q, p.q_norm, eps)
     cos, sin = rope
-    q = ops.apply_rope(q, cos, sin)
+    q = ops.apply_rope(q, cos[keep], sin[keep])
     if c.kv_shared(layer):  # Gemma 4: the keys and values its source layer wrote in this pass (kv is that cache)
         k, v, k_positions = kv.read(positions)
     else:
@@ -61,11 +64,11 @@ def self_attention(x, p: LayerParams, c: GemmaConfig, ops: kernels.Backend, laye
             v = ops.rms_norm(v, np.zeros(Dh, np.float32), eps)
         k = ops.apply_rope(k, cos, sin)
         k, v, k_positions = kv.update(k, v, positions)  # (K, S, Dh) each: the cached positions and these
-    record(layer, q=q, k=k, v=v, q_positions=positions, k_positions=k_positions, window=window,
+    record(layer, q=q, k=k, v=v, q_positions=q_positions, k_positions=k_positions, window=window,
            scale=c.attn_scale, softcap=c.attn_logit_softcapping)  # what the attention pattern is made of
-    out = ops.attention(q, k, v, positions, k_positions, window, c.attn_scale,
-                        c.attn_logit_softcapping)  # (H, T, Dh)
-    return ops.linear(out.transpose(1, 0, 2).reshape(T, H * Dh), p.o_proj)  # (H, T, Dh) -> (T, H*Dh) -> (T, D)
+    out = ops.attention(q, k, v, q_positions, k_positions, window, c.attn_scale,
+                        c.attn_logit_softcapping)  # (H, Tq, Dh)
+    return ops.linear(out.transpose(1, 0, 2).reshape(Tq, H * Dh), p.o_proj)  # -> (Tq, H*Dh) -> (Tq, D)
 
 
 def mixture_of_experts(x, p: LayerParams, c: GemmaConfig, ops: kernels.Backend, layer: int):
@@ -84,16 +87,17 @@ def mixture_of_experts(x, p: LayerParams, c: GemmaConfig, ops: kernels.Backend, 
 
 
 def block(x, p: LayerParams, c: GemmaConfig, ops: kernels.Backend, layer: int, rope, window, kv: LayerCache,
-          positions, layer_input=None):
+          positions, layer_input=None, keep=slice(None)):
     """One transformer block: attention, then the MLP, each as a residual branch; on Gemma 4 E-series a third
-    branch fed by this layer's `layer_input` (T, P). Shapes: (T, D) -> (T, D)"""
+    branch fed by this layer's `layer_input` (T, P). Past the attention only the positions `keep` go on (all,
+    or the last: see forward). Shapes: (T, D) -> (Tq, D)"""
     eps = c.rms_norm_eps
     steps = {}  # each value by its name in recording.py, recorded once at the end
     steps["attn_norm"] = h = ops.rms_norm(x, p.input_norm, eps)
-    steps["attn_out"] = h = self_attention(h, p, c, ops, layer, rope, window, kv, positions)
+    steps["attn_out"] = h = self_attention(h, p, c, ops, layer, rope, window, kv, positions, keep)
     if c.sandwich_norms:  # Gemma 2/3/4 normalise the branch's output too
         steps["post_attn_norm"] = h = ops.rms_norm(h, p.post_attn_norm, eps)
-    steps["resid_mid"] = x = x + h
+    steps["resid_mid"] = x = x[keep] + h
     steps["mlp_norm"] = h = ops.rms_norm(x, p.pre_mlp_norm, eps)
     steps["mlp_out"] = h = mlp(h, p.gate_proj, p.up_proj, p.down_proj, ops.linear, ops.linears, ops.geglu)
     if c.enable_moe_block:  # Gemma 4 MoE: the dense MLP's output normed, plus the experts' (from x, not h)
@@ -102,7 +106,7 @@ def block(x, p: LayerParams, c: GemmaConfig, ops: kernels.Backend, layer: int, r
         steps["post_mlp_norm"] = h = ops.rms_norm(h, p.post_mlp_norm, eps)
     steps["resid"] = x = x + h
     if c.per_layer_embeddings:  # Gemma 4 E-series: the per-layer input's residual branch
-        steps["per_layer_out"] = h = per_layer_branch(x, layer_input, p.per_layer_gate, p.per_layer_proj,
+        steps["per_layer_out"] = h = per_layer_branch(x, layer_input[keep], p.per_layer_gate, p.per_layer_proj,
                                                       p.post_per_layer_norm, eps, ops.linear, ops.rms_norm)
         steps["resid"] = x = x + h
     if p.layer_scalar is not None:  # Gemma 4 scales the whole stream leaving each block (not just the branches)
@@ -124,7 +128,10 @@ def forward(params: Params, c: GemmaConfig, token_ids, cache: KVCache, ops: kern
     """Run new tokens through the model, continuing from what `cache` holds.
 
     Returns float32 logits for every new position, or only the last one with `last_only` (all that sampling
-    needs, and it skips a (T, V) matmul). Shapes: (T,) -> (T, V), or (1, V) with last_only
+    needs): that skips a (T, V) matmul, and the last layer's work past its keys and values for the other
+    positions (their keys and values still go to the cache; nothing after that layer reads their rows, and
+    llama.cpp's graphs drop them there too: inp_out_ids), unless a recording wants every row.
+    Shapes: (T,) -> (T, V), or (1, V) with last_only
     """
     token_ids = np.asarray(token_ids, dtype=np.int64)
     positions = np.arange(cache.length, cache.length + len(token_ids))  # (T,)
@@ -153,16 +160,18 @@ def forward(params: Params, c: GemmaConfig, token_ids, cache: KVCache, ops: kern
     # sliding ones; Gemma 4's global layers have their own head dim and proportional RoPE
     kinds = sorted(set(zip(c.layer_types, map(c.layer_head_dim, range(c.num_hidden_layers)))))
     ropes = {(t, dh): rope_table(positions, dh, c.rope[t]) for t, dh in kinds}
+    shortcut = last_only and not recording()  # the last layer carries only the last row past its keys and values
     for i, p in enumerate(params.layers):
         # each layer's choices, made here: its RoPE table and window by its type (sliding or global), its cache
         rope = ropes[c.layer_types[i], c.layer_head_dim(i)]
+        keep = slice(-1, None) if shortcut and i == c.num_hidden_layers - 1 else slice(None)  # rows going on
         x = block(x, p, c, ops, i, rope=rope, window=c.layer_window(i), kv=cache.layers[i], positions=positions,
-                  layer_input=layer_inputs[i])
+                  layer_input=layer_inputs[i], keep=keep)
     # commit: the layers wrote past cache.length; an exception above left the cache as it was
     cache.length += len(token_ids)
 
     if last_only:
-        x = x[-1:]
+        x = x[-1:]  # (with the shortcut, the last block kept only that row already)
     x = ops.rms_norm(x, params.final_norm, c.rms_norm_eps)
     logits = ops.linear(x, params.embed)  # tied head: (T, D) @ (D, V) -> (T, V)
     # Gemma 2 caps the final logits at 30 (transformers Gemma2ForCausalLM, gemma_pytorch Sampler)

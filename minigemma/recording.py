@@ -32,6 +32,9 @@ What is recorded (steps in the order they happen; `layer` is None for the steps 
     layer None  final_norm      (T, D)   (one row with last_only)
                 logits          (T, V)
 
+While recording, every layer computes every row, last_only or not: without a recording, a pass with last_only
+carries only the last position past the last layer's keys and values (model.forward).
+
 Attention probabilities are not recorded: a fast attention kernel never builds them (online softmax), so
 `attention_probs` recomputes them from q, k and the mask inputs with the same function the NumPy attention
 uses (layers.attention_probs). Values are copied when recorded because a fast backend may reuse its buffers.
@@ -46,6 +49,11 @@ import numpy as np
 from . import layers
 
 _recording: "Recording | None" = None  # the active recording, or None when recording is off
+
+
+def recording() -> bool:
+    """Whether a record_forward() block is active."""
+    return _recording is not None
 
 
 def record(layer: int | None, **values) -> None:

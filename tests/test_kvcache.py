@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -10,8 +12,10 @@ from hypothesis import strategies as st
 from conftest import random_params, rel_err
 from minigemma.config import GemmaConfig
 from minigemma import model as model_module
+from minigemma import kernels, layers
 from minigemma.layers import mlp
 from minigemma.model import Gemma
+from minigemma.recording import record_forward
 
 
 @st.composite
@@ -51,6 +55,32 @@ def test_cached_decode_equals_full_forward(config, length, prefill, seed):
     assert cache.length == length
     assert cached.shape == full.shape
     assert rel_err(cached, full) < 1e-5
+
+
+@settings(max_examples=40, deadline=None)
+@given(config=configs(), length=st.integers(1, 20), seed=st.integers(0, 2**16))
+def test_last_only_prefill_is_the_last_row_and_caches_every_position(config, length, seed):
+    """With last_only, the last layer carries only the last position past its keys and values (model.forward),
+    unless a recording is on: the logits are the full pass's last row, the cache holds the same keys and values
+    as after a full prefill, and the next decode step is the full pass's too."""
+    rng = np.random.default_rng(seed)
+    model = Gemma(config, random_params(config, rng))
+    ids = rng.integers(0, config.vocab_size, length + 1)
+    full = model.forward(ids)  # (T + 1, V)
+    rows = []  # the rows each layer's MLP activation sees
+    model.backend = dataclasses.replace(kernels.NUMPY, geglu=lambda g, u: (rows.append(len(g)), layers.geglu(g, u))[1])
+    cache, everything = model.new_cache(), model.new_cache()
+    last = model.step(ids[:length], cache, last_only=True)
+    assert rows == [length] * (config.num_hidden_layers - 1) + [1]  # the last layer's MLP saw one row
+    with record_forward() as rec:  # a recording sees every row of every layer, last_only or not
+        assert rel_err(model.step(ids[:length], model.new_cache(), last_only=True), last) < 1e-6
+    assert rec[config.num_hidden_layers - 1, "mlp_out"].shape[0] == length
+    model.step(ids[:length], everything, last_only=False)
+    assert last.shape == (1, config.vocab_size)
+    assert rel_err(last, full[length - 1:length]) < 1e-5
+    for ours, theirs in zip(cache.layers, everything.layers):
+        assert np.array_equal(ours.k, theirs.k) and np.array_equal(ours.v, theirs.v)
+    assert rel_err(model.step(ids[length:], cache), full[length:]) < 1e-5
 
 
 def tiny_model(seed: int = 0) -> Gemma:
