@@ -3,7 +3,11 @@
     python benchmarks/int4_integer_prototype.py                 # the 270M's LM head and three layer shapes
     python benchmarks/int4_integer_prototype.py --rows 2048 --cols 640 --rounds 30
 
-The package's int4 kernel (kernels_numba.int4x64_matvec) splits each byte's two nibbles in float32: one
+(Since issue 19's eleventh session the package's int4 kernel is itself an integer one, with bytes: the
+activations in three signed bytes and `vpmaddubsw`, docs/kernels.md "int4 in integers, with bytes"; this
+prototype stays as the record of the 16-bit route, measured against whatever the package's kernel is.)
+
+The package's int4 kernel (kernels_numba.int4x64_matvec) split each byte's two nibbles in float32: one
 conversion, a multiply, a rounding and two multiply-adds per byte. The int8 kernel instead multiplies in 16-bit
 integers against the activations split exactly into two halves (kernels_numba.split_activations, pair_sums:
 `vpmaddwd` on x86). This prototype does the same for int4, with the package's functions for the split and the
@@ -113,9 +117,10 @@ def int4_paired_matvec(x, q, d, mins, out):
 
 
 def paired(w: Int4x64) -> np.ndarray:
-    """Int4x64's nibbles (B, G, 16, 64) -> (B, G, 8, 64, 2): bytes 2p and 2p + 1 of a row side by side."""
+    """Int4x64's nibbles (B, G, 4, 64, 4) -> (B, G, 8, 64, 2): bytes 2p and 2p + 1 of a row side by side."""
     B, G = w.nibbles.shape[:2]
-    return np.ascontiguousarray(np.swapaxes(w.nibbles.reshape(B, G, GROUP // 4, 2, ROWS), -1, -2))
+    by_byte = w.nibbles.transpose(0, 1, 2, 4, 3).reshape(B, G, GROUP // 2, ROWS)  # [b, g, j, r]: byte j of row r
+    return np.ascontiguousarray(np.swapaxes(by_byte.reshape(B, G, GROUP // 4, 2, ROWS), -1, -2))
 
 
 def main() -> None:

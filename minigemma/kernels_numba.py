@@ -40,7 +40,8 @@ Rules the kernels follow (docs/kernels.md):
   * `cache=True`: compiled once, stored in __pycache__, reloaded by later processes.
 
 NUMBA_DISABLE_JIT=1 turns every kernel back into plain Python over NumPy arrays (pair_sums, digit_sums,
-prefetch and widen_pair into their NumPy versions): slow, but a debugger can step through it line by line (docs/kernels.md).
+prefetch and widen_pair into their NumPy versions): slow, but a debugger can step through it line by line
+(docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -810,7 +811,8 @@ def int4x64_tile(nibbles, d, m, b0, out):
     """
     G = nibbles.shape[1]
     half = GROUP // 2
-    words = nibbles.reshape(nibbles.shape[:3] + (ROWS * 4,)).view(np.uint32)  # (B, G, 4, 64): a row's 4 bytes
+    # (B, G, 4, 64): a row's 4 bytes as one word, byte k in bits 8k.. (little-endian, as x86 and ARM are)
+    words = nibbles.reshape(nibbles.shape[:3] + (ROWS * 4,)).view(np.uint32)
     for n in range(out.shape[1] // ROWS):
         b = b0 + n
         scale = np.empty(ROWS, f32)
@@ -1107,9 +1109,8 @@ class _MatvecCall:
     caches), and for q, k and v of an int4 load (int4 and int8 mixed) more still (docs/kernels.md)."""
 
     def __init__(self, ws):
-        order = [i for i, w in enumerate(ws) if type(w) is Int8x64] + [i for i, w in enumerate(ws)
-                                                                          if type(w) is Int4x64]
-        self.split = sum(type(w) is Int8x64 for w in ws)  # outputs of int8 matrices, before the int4 ones
+        order = sorted(range(len(ws)), key=lambda i: type(ws[i]) is Int4x64)  # the int8 matrices first
+        self.split = sum(type(w) is Int8x64 for w in ws)  # how many: their outputs come before the int4 ones
         int8, int4 = ([ws[i].kernel_arrays for i in at] for at in (order[:self.split], order[self.split:]))
         self.kernel = mixed_matvec if int8 and int4 else int8x64_matvec if int8 else int4x64_matvec
         self.weights = (_each(int8, 2) if int8 else ()) + (_each(int4, 3) if int4 else ())
