@@ -127,7 +127,7 @@ class Int8x64:
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Shapes: -> (stop - start, in) float32"""
-        b0, b1 = start // ROWS, -(-stop // ROWS)  # only the blocks asked for are unpaired (copied)
+        b0, b1 = start // ROWS, -(-stop // ROWS)  # only the blocks asked for are taken apart (copied)
         start, stop = start - b0 * ROWS, stop - b0 * ROWS
         q, d = _apart(self.q[b0:b1]), self.d[b0:b1]
         return Int8(_deinterleave(q, start, stop), _deinterleave(d, start, stop)).rows(0, stop - start)
